@@ -1,0 +1,215 @@
+"""A small, complete training run that survives wall-time limits, preemption and kills.
+
+Run it, interrupt it any way you like (Ctrl-C excepted: that is a crash), run it again with
+the same arguments: it resumes from the newest valid checkpoint, and its final weights are
+bitwise identical to those of a run that was never interrupted.
+
+    python train_with_checkpoint.py --ckpt-dir checkpoints --steps 600
+    kill -USR1 <pid>      # saves at the end of the current step, requeues under Slurm
+    python train_with_checkpoint.py --ckpt-dir checkpoints --steps 600   # resumes
+
+Exit codes: 0 finished; 3 preempted, saved and requeued; 75 preempted and saved but not
+requeued (resubmit, or let the batch script requeue); 4 the emergency save took longer
+than --emergency-save-timeout (the previous checkpoint is still valid).
+
+To adapt it to your project, change the three blocks marked "CHANGE ME": the data, the
+model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch and
+checkpoint_utils.py beside this file; NumPy only for the example's data augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from checkpoint_utils import (
+    EXIT_FINISHED,
+    CheckpointManager,
+    EmergencyDeadline,
+    PreemptionHandler,
+    ResumableSampler,
+    SaveSchedule,
+    TrainingProgress,
+    capture_training_state,
+    exit_after_preemption,
+    restore_training_state,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt-dir", default="checkpoints", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=600,
+                   help="optimizer steps of the whole run, across restarts (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
+    p.add_argument("--save-every-steps", type=int, default=100)
+    p.add_argument("--save-every-epochs", type=int, default=None)
+    p.add_argument("--save-every-seconds", type=float, default=None)
+    p.add_argument("--keep", type=int, default=3, help="step/epoch checkpoints to keep")
+    p.add_argument("--keep-time", type=int, default=2, help="time-based checkpoints to keep")
+    p.add_argument("--max-bytes", type=int, default=None, help="size budget of the folder")
+    p.add_argument("--emergency-save-timeout", type=float, default=60.0,
+                   help="seconds an emergency save may take before the process exits anyway")
+    p.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="after a preemption, exit 75 instead of running scontrol requeue")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision with a GradScaler (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    return p.parse_args(argv)
+
+
+# ----- CHANGE ME (1/3): your data. Any map-style Dataset works with ResumableSampler.
+def make_dataset(seed: int) -> TensorDataset:
+    """2048 points in 32 dimensions, labelled by a fixed random linear "teacher"."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(2048, 32, generator=g)
+    teacher = torch.randn(32, 10, generator=g)
+    return TensorDataset(inputs, (inputs @ teacher).argmax(dim=1))
+
+
+def augment(inputs: torch.Tensor, noise: float = 0.05) -> torch.Tensor:
+    """Input jitter. It draws from Python's and NumPy's global RNGs on purpose, as many
+    augmentation libraries do: a resume that does not restore them is not the same run."""
+    scale = random.uniform(0.0, noise)
+    jitter = np.random.normal(0.0, 1.0, size=tuple(inputs.shape)).astype(np.float32)
+    return inputs + scale * torch.from_numpy(jitter).to(inputs.device)
+
+
+# ----- CHANGE ME (2/3): your model, optimizer and schedule.
+def make_model_and_optimizer(args, device):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 10),
+    )
+    # Create the optimizer before loading a checkpoint, on the model's final device.
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    # The schedule spans the whole run (args.steps), so a resume continues it.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                    total_steps=args.steps)
+    return model, optimizer, scheduler
+
+
+# ----- CHANGE ME (3/3): your loss.
+def compute_loss(model, inputs, targets):
+    return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+
+class ProgressLine:
+    """A progress bar from the standard library: redrawn in place on a terminal, one line
+    every ``every`` steps in a log file (Slurm's output file is not a terminal). It starts
+    at the resumed step, not at zero."""
+
+    def __init__(self, total: int, start: int, every: int):
+        self.total, self.start, self.every = total, start, every
+        self.tty = sys.stdout.isatty()
+        self.began = time.monotonic()
+
+    def update(self, progress: TrainingProgress, loss: float) -> None:
+        step = progress.step
+        if not (self.tty or step % self.every == 0 or step == self.total):
+            return
+        rate = (step - self.start) / max(time.monotonic() - self.began, 1e-9)
+        filled = int(30 * step / self.total)
+        text = (f"step {step}/{self.total} [{'#' * filled}{'.' * (30 - filled)}] "
+                f"epoch {progress.epoch} loss {loss:.6f} {rate:.0f} steps/s")
+        print(f"\r{text}" if self.tty else text, end="" if self.tty and step < self.total else "\n",
+              flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="[%(name)s] %(message)s")
+    log = logging.getLogger("train")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+
+    dataset = make_dataset(args.seed)
+    sampler = ResumableSampler(len(dataset), batch_size=args.batch_size, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    steps_per_epoch = len(dataset) // args.batch_size
+    model, optimizer, scheduler = make_model_and_optimizer(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    manager = CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
+                                max_bytes=args.max_bytes)
+    schedule = SaveSchedule(every_steps=args.save_every_steps,
+                            every_epochs=args.save_every_epochs,
+                            every_seconds=args.save_every_seconds)
+    progress = TrainingProgress()
+    checkpoint = manager.load_latest()  # on the CPU; load_state_dict copies to the device
+    if checkpoint is not None:
+        progress = restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                          scheduler=scheduler, scaler=scaler, sampler=sampler)
+        del checkpoint
+
+    def save(kind: str) -> None:
+        state = capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
+                                       scaler=scaler, sampler=sampler, progress=progress)
+        manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
+        schedule.mark_saved()
+
+    bar = ProgressLine(args.steps, progress.step, args.log_every)
+    started = time.monotonic()
+    with PreemptionHandler() as preemption:
+        model.train()
+        while progress.step < args.steps:
+            sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+            for inputs, targets in loader:
+                inputs, targets = augment(inputs).to(device), targets.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                    loss = compute_loss(model, inputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                # The step is complete: only now may the state be saved.
+                progress.step += 1
+                progress.batch_in_epoch += 1
+                epoch_finished = progress.batch_in_epoch == steps_per_epoch
+                if epoch_finished:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                progress.metrics["loss"] = loss.item()
+                bar.update(progress, progress.metrics["loss"])
+
+                if progress.step >= args.steps:
+                    break  # finished: a late signal changes nothing
+                if preemption.requested:
+                    log.info("received %s at step %d: saving", preemption.signal_name,
+                             progress.step)
+                    with EmergencyDeadline(args.emergency_save_timeout):
+                        save("preempt")
+                    exit_after_preemption(preemption, requeue=args.requeue)
+                kind = schedule.due(step=progress.step, epoch=progress.epoch,
+                                    epoch_finished=epoch_finished)
+                if kind:
+                    save(kind)
+                if epoch_finished:
+                    break  # start the next epoch with a fresh data order
+        save("step")  # the last checkpoint holds the final state
+    elapsed = time.monotonic() - started
+    log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
+             progress.step, manager.save_count, manager.save_seconds, elapsed,
+             100 * manager.save_seconds / max(elapsed, 1e-9))
+    return EXIT_FINISHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
