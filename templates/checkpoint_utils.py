@@ -630,9 +630,9 @@ class SaveSchedule:
 
 # --------------------------------------------------------------------------- the manager
 def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
     if np is not None:
-        versions["numpy"] = np.__version__
+        versions["numpy"] = str(np.__version__)
     return versions
 
 

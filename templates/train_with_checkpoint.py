@@ -139,7 +139,11 @@ def main(argv=None) -> int:
 
     dataset = make_dataset(args.seed)
     sampler = ResumableSampler(len(dataset), batch_size=args.batch_size, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    # The loader gets its own generator: otherwise each new epoch iterator draws a seed
+    # from the global torch RNG, and a resumed run (which starts one more iterator than
+    # the uninterrupted run did) would drift from it at the first step after the resume.
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = len(dataset) // args.batch_size
     model, optimizer, scheduler = make_model_and_optimizer(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)

@@ -1,0 +1,25 @@
+# Thin targets: each one calls one script. `make help` lists them.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-fast clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup:  ## create .venv with everything the demo and the tests need (re-runnable)
+	@scripts/setup-venv test
+
+demo: ## train, interrupt with real signals, resume, prove bitwise-identical weights
+	@scripts/setup-venv
+	@$(PY) scripts/demo.py
+
+test: setup  ## the whole test suite (installs what it needs first)
+	@scripts/run-tests $(PYTEST_ARGS)
+
+test-fast: setup  ## unit tests only, no processes started
+	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf out .pytest_cache
