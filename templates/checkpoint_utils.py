@@ -886,6 +886,9 @@ def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -
             exit_after_preemption(preemption)
     """
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
-    if requeue and requeue_slurm_job():
-        sys.exit(EXIT_REQUEUED)
+    try:
+        if requeue and requeue_slurm_job():
+            sys.exit(EXIT_REQUEUED)
+    except InvalidJobIdError as error:  # the checkpoint is saved; report and stop cleanly
+        log.error("%s", error)
     sys.exit(EXIT_PREEMPTED)

@@ -1,0 +1,79 @@
+"""The training template as a cluster user runs it: exit codes after a preemption, the
+requeue command it runs under Slurm, and a clean stop when requeueing is impossible."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+
+import pytest
+
+from conftest import TEMPLATES
+from interrupted_run import Interruption, run_once
+
+pytestmark = pytest.mark.integration
+
+
+def command(python: str, ckpt_dir, steps: int = 200) -> list[str]:
+    return [python, str(TEMPLATES / "train_with_checkpoint.py"), "--ckpt-dir", str(ckpt_dir),
+            "--steps", str(steps), "--log-every", "1"]
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path):
+    """A `scontrol` first on PATH that records its arguments, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol-argv.txt"
+    script = bin_dir / "scontrol"
+    script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > '{record}'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return bin_dir, record
+
+
+def slurm_env(bin_dir=None, **variables) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return {**env, **variables}
+
+
+@pytest.mark.parametrize("variables, expected_id", [
+    ({"SLURM_JOB_ID": "987"}, "987"),
+    ({"SLURM_JOB_ID": "1001", "SLURM_ARRAY_JOB_ID": "55", "SLURM_ARRAY_TASK_ID": "7"}, "55_7"),
+], ids=["job", "array-task"])
+def test_preempted_job_saves_and_requeues_itself(variables, expected_id, fake_scontrol,
+                                                 tmp_path, python_exe):
+    bin_dir, record = fake_scontrol
+    attempt = run_once(command(python_exe, tmp_path / "ckpt"), Interruption(50, signal.SIGUSR1),
+                       env=slurm_env(bin_dir, **variables))
+    assert attempt.exit_code == 3, "\n".join(attempt.output[-10:])
+    assert record.read_text().split("\n")[:2] == ["requeue", expected_id]
+
+    resumed = run_once(command(python_exe, tmp_path / "ckpt"), env=slurm_env())
+    assert resumed.exit_code == 0
+    assert resumed.resumed_from == attempt.last_step
+    first_progress = min(resumed.losses)
+    assert first_progress == attempt.last_step + 1, "progress must continue from the resume"
+
+
+def test_without_scontrol_exits_75_for_the_batch_script(tmp_path, python_exe):
+    env = slurm_env(SLURM_JOB_ID="321")
+    env["PATH"] = os.path.dirname(python_exe)  # python only: no scontrol anywhere
+    attempt = run_once(command(python_exe, tmp_path), Interruption(40, signal.SIGTERM), env=env)
+    assert attempt.exit_code == 75
+    assert any("not on PATH" in line for line in attempt.output)
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_job_id_with_shell_metacharacters_is_refused(fake_scontrol, tmp_path, python_exe):
+    bin_dir, record = fake_scontrol
+    sentinel = tmp_path / "pwned"
+    env = slurm_env(bin_dir, SLURM_JOB_ID=f"1; touch {sentinel}")
+    attempt = run_once(command(python_exe, tmp_path / "ckpt"), Interruption(40, signal.SIGUSR1),
+                       env=env)
+    assert attempt.exit_code == 75
+    assert any("refusing to requeue" in line for line in attempt.output)
+    assert not record.exists() and not sentinel.exists()
+    assert not any(line.startswith("Traceback") for line in attempt.output)
+
