@@ -491,11 +491,13 @@ def load_checkpoint_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         text = str(error)
-        if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
+        if "weights_only" in text.lower() or "Unsupported" in text:
+            culprit = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             raise UnsafeCheckpointError(
                 f"{Path(path).name}: refused to load, it contains objects that only a "
-                "full unpickle could create, which can run arbitrary code. Save state "
-                f"dicts, tensors and plain containers only. ({text.splitlines()[0]})"
+                "full unpickle could create, which can run arbitrary code"
+                + (f" (it names {culprit[1]})" if culprit else "")
+                + ". Save state dicts, tensors and plain containers only."
             ) from None
         raise CorruptCheckpointError(f"{Path(path).name}: cannot be read ({error})") from None
 
@@ -618,7 +620,7 @@ class SaveSchedule:
         """The kind of checkpoint due now ("epoch", "step" or "time"), or None."""
         if epoch_finished and self.every_epochs and epoch % self.every_epochs == 0:
             return "epoch"
-        if self.every_steps and step % self.every_steps == 0:
+        if self.every_steps and step > 0 and step % self.every_steps == 0:
             return "step"
         if self.every_seconds is not None and self.clock() - self.last_save >= self.every_seconds:
             return "time"
@@ -668,9 +670,10 @@ class CheckpointManager:
         """Save ``state`` durably, write its completion marker, move ``last.pt``, rotate.
 
         A save at a step that already has a checkpoint from this process is skipped (a
-        preemption signal right after a periodic save costs nothing).
+        preemption signal right after a periodic save costs nothing), except an epoch
+        checkpoint, which is a milestone of its own.
         """
-        if self.last_saved is not None and self.last_saved.step == step:
+        if self.last_saved is not None and self.last_saved.step == step and kind != "epoch":
             return self.last_saved
         started = time.perf_counter()
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
@@ -693,23 +696,43 @@ class CheckpointManager:
                            max_bytes=self.max_bytes, protect=[path])
         return info
 
+    def _quarantine(self, info: CheckpointInfo) -> None:
+        folder = self.directory / "corrupt"
+        folder.mkdir(exist_ok=True)
+        for path in (info.path, marker_path(info.path)):  # marker last: see _remove_checkpoint
+            if path.exists():
+                os.replace(path, folder / path.name)
+        fsync_directory(self.directory)
+        log.warning("moved %s to %s/ for inspection", info.name, folder.name)
+
     def _meta(self, step: int, epoch: int, kind: str, saved_at: float) -> dict:
         return {"format_version": FORMAT_VERSION, "step": step, "epoch": epoch,
                 "kind": kind, "saved_at": saved_at, "world_size": self.world_size,
                 "versions": library_versions(), "host": platform.node()}
 
-    def load_latest(self) -> dict | None:
+    def load_latest(self, *, quarantine: bool = True) -> dict | None:
         """Load the newest valid checkpoint on the CPU, or return None (with a log line)
-        when the folder has none. Corrupt and unsafe checkpoints are skipped and logged."""
+        when the folder has none.
+
+        Corrupt and unsafe checkpoints are skipped with a log line that says why, moved
+        to ``corrupt/`` (kept for inspection, out of the way of rotation and of
+        ``last.pt``), and ``last.pt`` is pointed at the checkpoint actually resumed from.
+        Pass ``quarantine=False`` on every process but the one that saves.
+        """
         candidates = list_checkpoints(self.directory)
         for info in reversed(candidates):
             try:
                 verify_checkpoint(info)
                 checkpoint = load_checkpoint_file(info.path)
             except CheckpointError as error:
-                log.warning("skipped corrupt checkpoint: %s", error)
+                what = "unsafe" if isinstance(error, UnsafeCheckpointError) else "corrupt"
+                log.warning("skipped %s checkpoint: %s", what, error)
+                if quarantine:
+                    self._quarantine(info)
                 continue
             log.info("resumed from %s (step %d, epoch %d)", info.name, info.step, info.epoch)
+            if quarantine and read_last_pointer(self.directory) != info.path:
+                update_last_pointer(self.directory, info.name)
             self.last_saved = info
             return checkpoint
         if candidates:
@@ -831,7 +854,7 @@ def slurm_job_id(environ: dict | None = None) -> str | None:
         job_id = env.get("SLURM_JOB_ID")
     if job_id is None:
         return None
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):  # fullmatch: "$" would accept a trailing newline
         raise InvalidJobIdError(f"refusing to requeue job id {job_id!r}: a Slurm job id is "
                                 "digits, or digits_digits for an array task")
     return job_id

@@ -252,3 +252,19 @@ def test_kill_between_the_two_unlinks_leaves_an_ignored_file(tmp_path, monkeypat
     cu.CheckpointManager(tmp_path)
     assert names_on_disk(tmp_path) == [step_name(200)]
     assert os.readlink(tmp_path / "last.pt") == step_name(200)
+
+
+def test_after_a_fallback_last_points_at_the_resumed_checkpoint_and_rotation_is_safe(tmp_path):
+    """A resume past a corrupt newest checkpoint moves it aside and re-points last.pt,
+    so even the harshest rotation afterwards cannot delete the only valid checkpoint."""
+    save_steps(tmp_path, [100, 200, 300])
+    corrupt(tmp_path / step_name(300))
+    checkpoint = cu.CheckpointManager(tmp_path, keep=5).load_latest()
+    assert checkpoint["step"] == 200
+    assert cu.read_last_pointer(tmp_path).name == step_name(200)
+    assert (tmp_path / "corrupt" / step_name(300)).exists()
+
+    cu.rotate_checkpoints(tmp_path, keep=1)
+
+    info = cu.find_latest_valid_checkpoint(tmp_path)
+    assert info is not None and info.step == 200

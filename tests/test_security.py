@@ -85,9 +85,14 @@ def test_malicious_checkpoint_with_valid_marker_is_skipped_not_executed(tmp_path
     skipped = [m for m in checkpoint_messages(caplog, logging.WARNING) if "skipped" in m]
     assert len(skipped) == 1
     assert "step_00000900.pt" in skipped[0] and "arbitrary code" in skipped[0]
+    assert "unsafe" in skipped[0]
+    # It is kept for inspection, out of the way of rotation and last.pt.
+    quarantined = folder / "corrupt" / evil.name
+    assert quarantined.exists() and not evil.exists()
+    assert cu.read_last_pointer(folder).name == "step_00000800.pt"
 
     # Control: the payload is live, a full unpickle does run it.
-    torch.load(evil, weights_only=False)
+    torch.load(quarantined, weights_only=False)
     assert sentinel.exists()
 
 
@@ -162,8 +167,6 @@ def test_array_task_id_with_metacharacters_is_refused(task_id):
         cu.slurm_job_id(environ)
 
 
-@pytest.mark.xfail(strict=True, reason="_JOB_ID uses re.match with '$', which also "
-                   "matches before a trailing newline; fullmatch or \\Z would refuse it")
 def test_slurm_job_id_with_trailing_newline_is_refused():
     with pytest.raises(cu.InvalidJobIdError):
         cu.slurm_job_id({"SLURM_JOB_ID": "123\n"})
@@ -305,6 +308,19 @@ def test_exit_after_preemption_when_requeue_fails_exits_75(slurm_job_with_fake_s
         cu.exit_after_preemption(preempted_handler())
     assert exited.value.code == cu.EXIT_PREEMPTED
     assert recorded_calls(record) == ["requeue", "4242"]
+
+
+def test_exit_after_preemption_with_malicious_job_id_exits_75_without_scontrol(
+        slurm_job_with_fake_scontrol, monkeypatch, caplog):
+    record = slurm_job_with_fake_scontrol()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242; touch pwned")
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    with pytest.raises(SystemExit) as exited:
+        cu.exit_after_preemption(preempted_handler())
+    assert exited.value.code == cu.EXIT_PREEMPTED
+    assert recorded_calls(record) is None
+    assert any("refusing to requeue" in m
+               for m in checkpoint_messages(caplog, logging.ERROR))
 
 
 # --------------------------------------------------------------------------- signals
