@@ -174,13 +174,15 @@ def restore_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- data order
 class ResumableSampler(torch.utils.data.Sampler):
-    """A shuffled order of dataset indices that depends only on (seed, epoch) and can
-    start in the middle of an epoch.
+    """A shuffled order of dataset indices that depends only on (seed, epoch), can start
+    in the middle of an epoch, and splits each epoch between ranks.
 
     The order does not come from the global RNG, so restoring the RNG and restoring the
     data position stay two independent things. Call ``set_epoch(epoch, start_batch)``
     before iterating each epoch; after a resume, ``start_batch`` is the number of batches
-    of that epoch that were already trained on.
+    of that epoch this rank already trained on. With ``num_replicas`` ranks, rank r takes
+    every num_replicas-th index starting at r (like DistributedSampler), so ranks see
+    disjoint data and one step of every rank covers ``num_replicas * batch_size`` samples.
 
     Example::
 
@@ -191,11 +193,13 @@ class ResumableSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, dataset_size: int, *, batch_size: int, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.num_replicas = num_replicas
         self.epoch = 0
         self.start_batch = 0
 
@@ -204,21 +208,30 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.start_batch = start_batch
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """The full order of indices of one epoch."""
-        if not self.shuffle:
-            return list(range(self.dataset_size))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.dataset_size, generator=generator).tolist()
+        """This rank's full order of indices for one epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_size))
+        usable = self.dataset_size - self.dataset_size % self.num_replicas  # equal shares
+        return order[self.rank:usable:self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_order(self.epoch)[self.start_batch * self.batch_size:])
 
     def __len__(self) -> int:
-        return max(0, self.dataset_size - self.start_batch * self.batch_size)
+        share = self.dataset_size // self.num_replicas
+        return max(0, share - self.start_batch * self.batch_size)
+
+    def batches_per_epoch(self, drop_last: bool = True) -> int:
+        share = self.dataset_size // self.num_replicas
+        return share // self.batch_size if drop_last else math.ceil(share / self.batch_size)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "dataset_size": self.dataset_size,
-                "batch_size": self.batch_size, "shuffle": self.shuffle}
+                "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "num_replicas": self.num_replicas}
 
     def check_compatible(self, saved: dict) -> None:
         """Warn when the data order of a resumed run cannot match the saved one."""

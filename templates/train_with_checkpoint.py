@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     # the uninterrupted run did) would drift from it at the first step after the resume.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = len(dataset) // args.batch_size
+    steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
     model, optimizer, scheduler = make_model_and_optimizer(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16

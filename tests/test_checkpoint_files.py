@@ -515,3 +515,14 @@ def test_schedule_with_everything_off_never_fires():
     schedule = cu.SaveSchedule(clock=clock)
     clock.now += 10 ** 6
     assert schedule.due(step=100, epoch=10, epoch_finished=True) is None
+
+
+def test_sampler_splits_each_epoch_into_disjoint_equal_rank_shares():
+    shares = [cu.ResumableSampler(103, batch_size=4, seed=5, rank=r, num_replicas=3)
+              for r in range(3)]
+    orders = [s.epoch_order(2) for s in shares]
+    assert [len(o) for o in orders] == [34, 34, 34]
+    assert len(set().union(*orders)) == 102  # disjoint; the 103rd index is left out
+    assert shares[1].batches_per_epoch() == 8
+    shares[1].set_epoch(2, start_batch=3)
+    assert list(shares[1]) == orders[1][12:]
