@@ -805,6 +805,12 @@ class PreemptionHandler:
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def ignore_further_signals(self) -> None:
+        """Ignore this handler's signals for the rest of the process (used on the way out)."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
     __enter__ = install
 
     def __exit__(self, *exc) -> None:
@@ -922,9 +928,14 @@ def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -
             exit_after_preemption(preemption)
     """
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
-    try:
-        if requeue and requeue_slurm_job():
-            sys.exit(EXIT_REQUEUED)
-    except InvalidJobIdError as error:  # the checkpoint is saved; report and stop cleanly
-        log.error("%s", error)
+    # A requeue makes Slurm send SIGTERM to every process of the job at once, and the batch
+    # shell may forward more. We are leaving: a late signal must not turn a clean exit into
+    # a kill (exit code 143), so ignore them from now on, also after the handler's `with`.
+    handler.ignore_further_signals()
+    if requeue:
+        try:
+            if requeue_slurm_job():
+                sys.exit(EXIT_REQUEUED)
+        except InvalidJobIdError as error:  # the checkpoint is saved; report, stop cleanly
+            log.error("%s", error)
     sys.exit(EXIT_PREEMPTED)

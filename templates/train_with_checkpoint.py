@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true",
                    help="mixed precision with a GradScaler (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--simulate-step-seconds", type=float, default=0.0,
+                   help="pause after each step, to imitate a slower model in demos and tests")
     return p.parse_args(argv)
 
 
@@ -182,6 +184,8 @@ def main(argv=None) -> int:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if args.simulate_step_seconds:
+                    time.sleep(args.simulate_step_seconds)
 
                 # The step is complete: only now may the state be saved.
                 progress.step += 1

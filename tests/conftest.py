@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -18,19 +19,53 @@ for folder in (TEMPLATES, SCRIPTS):
         sys.path.insert(0, str(folder))
 
 
+def skip_or_fail(message: str) -> None:
+    """Skip a test that cannot run here, saying why; under CI=true fail instead, because
+    CI must run every test."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_command(command: str, install: str) -> str:
-    """Return the path of ``command``, or skip the test saying how to install it.
-    Under CI=true a missing command is a failure: CI must run every test."""
+    """Return the path of ``command``, or skip the test saying how to install it."""
     path = shutil.which(command)
     if path is None:
-        message = f"{command} is not installed; install it with: {install}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"{command} is not installed; install it with: {install}")
     return path
 
 
-@pytest.fixture
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are free (slurmctld and slurmd listen on both)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with socket.socket() as neighbour:
+            try:
+                neighbour.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two free neighbouring ports")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A fresh single-node Slurm cluster for the session, started by scripts/local-slurm
+    (which installs Slurm and munge when missing and run as root)."""
+    from slurm_cluster import SlurmCluster, start_cluster, stop_cluster
+
+    directory = tmp_path_factory.mktemp("slurm")
+    try:
+        env = start_cluster(directory, free_port_pair())
+    except RuntimeError as error:
+        skip_or_fail(f"no local Slurm cluster: {error}")
+    yield SlurmCluster(env)
+    stop_cluster(env)
+
+
+@pytest.fixture(scope="session")
 def python_exe() -> str:
     """The interpreter running the tests (the project's .venv under `make test`)."""
     return sys.executable

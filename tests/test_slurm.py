@@ -1,0 +1,220 @@
+"""Every sbatch template, run on a real local Slurm cluster: to completion, preempted by a
+higher-priority job, warned of its time limit, requeued from inside, chained, as an
+array, and the trap pitfall that breaks everyone's first attempt.
+
+Each job runs in a folder holding only the template files a user would copy, and every
+interrupted job must end bitwise identical to the same training run without Slurm.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from compare_checkpoints import checkpoint_differences
+from conftest import TEMPLATES
+from slurm_cluster import last_step, user_project
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+
+KIT = ("train_with_checkpoint.py", "checkpoint_utils.py")
+# Slow steps, so that signals land mid-run however fast the machine is.
+SLOW = "--steps {steps} --simulate-step-seconds 0.02 --save-every-steps 50 --log-every 10"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, python_exe):
+    """The final checkpoint of a training run without Slurm, per (steps, seed)."""
+    cache = {}
+
+    def final_checkpoint(steps: int, seed: int = 0):
+        if (steps, seed) not in cache:
+            folder = tmp_path_factory.mktemp(f"reference-{steps}-{seed}")
+            subprocess.run([python_exe, str(TEMPLATES / "train_with_checkpoint.py"),
+                            "--ckpt-dir", str(folder), "--steps", str(steps),
+                            "--seed", str(seed), "--save-every-steps", "50"],
+                           check=True, capture_output=True, timeout=120)
+            cache[steps, seed] = folder / "last.pt"
+        return cache[steps, seed]
+    return final_checkpoint
+
+
+def assert_same_run(reference_checkpoint, checkpoint, output_file):
+    differences = checkpoint_differences(reference_checkpoint, checkpoint)
+    assert differences == [], "\n".join(differences) + "\n" + output_file.read_text()[-3000:]
+
+
+def wait_for_step(slurm, output_file, step: int, job_id: str, timeout: float = 90):
+    slurm.wait_until(lambda: last_step(output_file) >= step, timeout,
+                     f"job {job_id} to reach step {step}")
+
+
+# ------------------------------------------------------------------ every file completes
+@pytest.mark.parametrize("sbatch", ["basic_checkpoint.sbatch", "preemptible.sbatch",
+                                    "preemptible_srun.sbatch", "auto_resume.sbatch"])
+def test_sbatch_file_runs_to_completion(sbatch, slurm, tmp_path):
+    project = user_project(tmp_path, *KIT, sbatch)
+    job_id = slurm.submit(project / sbatch, project, TRAIN_ARGS="--steps 60")
+    job = slurm.wait_final(job_id)
+    output = next(project.glob(f"*-{job_id}.out")).read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output
+    assert "step 60/60" in output and "finished" in output
+    if sbatch == "auto_resume.sbatch":  # the finished link cancels the successor it made
+        successor = re.search(r"successor: job (\d+)", output)[1]
+        assert slurm.wait_final(successor)["JobState"] == "CANCELLED"
+
+
+def test_array_tasks_each_complete_with_their_own_seed(slurm, tmp_path, reference):
+    project = user_project(tmp_path, *KIT, "array.sbatch")
+    array_id = slurm.submit(project / "array.sbatch", project, "--array=0-1",
+                            TRAIN_ARGS="--steps 60")
+    for task in (0, 1):
+        job = slurm.wait_final(f"{array_id}_{task}")
+        assert job["JobState"] == "COMPLETED", job
+    assert_same_run(reference(60, seed=1), project / "checkpoints/task_1/last.pt",
+                    project / f"ckpt-array-{array_id}_1.out")
+
+
+# ------------------------------------------------------------------ requeue from inside
+@pytest.mark.parametrize("who_requeues", ["training", "batch shell"])
+def test_signalled_job_saves_requeues_and_resumes(who_requeues, slurm, tmp_path, reference):
+    """USR1 to the batch shell (what --signal=B:USR1@T does): training saves at the end of
+    its step; then training runs scontrol requeue (exit 3), or, as inside a container
+    without scontrol, exits 75 and the batch shell requeues."""
+    project = user_project(tmp_path, *KIT, "preemptible.sbatch")
+    args = SLOW.format(steps=300) + (" --no-requeue" if who_requeues == "batch shell" else "")
+    job_id = slurm.submit(project / "preemptible.sbatch", project, TRAIN_ARGS=args)
+    output_file = project / f"ckpt-preemptible-{job_id}.out"
+    wait_for_step(slurm, output_file, 100, job_id)
+    slurm.signal_batch(job_id, "USR1")
+
+    job = slurm.wait_final(job_id, timeout=120)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    expected = ("saved and requeued the job" if who_requeues == "training"
+                else "requeueing from the batch shell")
+    assert expected in output
+    assert "SLURM_RESTART_COUNT=1" in output and "resumed from preempt_" in output
+    assert_same_run(reference(300), project / "checkpoints/last.pt", output_file)
+
+
+def test_srun_form_delivers_the_signal_to_the_step(slurm, tmp_path, reference):
+    """--signal without B: reaches srun's tasks; no trap needed."""
+    project = user_project(tmp_path, *KIT, "preemptible_srun.sbatch")
+    job_id = slurm.submit(project / "preemptible_srun.sbatch", project,
+                          TRAIN_ARGS=SLOW.format(steps=300))
+    output_file = project / f"ckpt-srun-{job_id}.out"
+    wait_for_step(slurm, output_file, 100, job_id)
+    slurm.run("scancel", "--signal=USR1", job_id)  # no --batch: the job's steps
+
+    job = slurm.wait_final(job_id, timeout=120)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output_file.read_text()
+    assert_same_run(reference(300), project / "checkpoints/last.pt", output_file)
+
+
+# ------------------------------------------------------------------ preemption and time limit
+def test_three_preemptions_by_a_higher_priority_job(slurm, tmp_path, reference):
+    """A job in the "high" partition needs the whole node: Slurm sends the low job its
+    --signal, waits at most GraceTime, and requeues it. Three times in a row."""
+    project = user_project(tmp_path, *KIT, "preemptible.sbatch")
+    job_id = slurm.submit(project / "preemptible.sbatch", project,
+                          TRAIN_ARGS=SLOW.format(steps=500))
+    output_file = project / f"ckpt-preemptible-{job_id}.out"
+    for preemption in range(3):
+        wait_for_step(slurm, output_file, 80 + 120 * preemption, job_id, timeout=120)
+        high = slurm.submit_command(project, "sleep 1", "--partition=high",
+                                    "--cpus-per-task=8", "--output=/dev/null")
+        slurm.wait_final(high, timeout=120)
+
+    job = slurm.wait_final(job_id, timeout=180)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "3", output
+    assert output.count("batch shell: got USR1") >= 3
+    assert_same_run(reference(500), project / "checkpoints/last.pt", output_file)
+
+
+def test_time_limit_signal_arrives_before_the_kill(slurm, tmp_path, reference):
+    """--time=1 --signal=B:USR1@50: Slurm warns the job 50 s before its one-minute limit
+    (its time checks run every 30 s, so the warning comes 10-40 s in); the job saves,
+    requeues itself and finishes in a later run instead of being killed."""
+    project = user_project(tmp_path, *KIT, "preemptible.sbatch")
+    args = "--steps 900 --simulate-step-seconds 0.05 --save-every-steps 100 --log-every 50"
+    job_id = slurm.submit(project / "preemptible.sbatch", project, "--time=1",
+                          "--signal=B:USR1@50", TRAIN_ARGS=args)
+    job = slurm.wait_final(job_id, timeout=300)
+    output_file = project / f"ckpt-preemptible-{job_id}.out"
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, output
+    assert "DUE TO TIME LIMIT" not in output
+    assert "received SIGUSR1" in output and "resumed from preempt_" in output
+    assert_same_run(reference(900), project / "checkpoints/last.pt", output_file)
+
+
+# ------------------------------------------------------------------ chain and array
+def test_dependency_chain_continues_in_the_successor(slurm, tmp_path, reference):
+    project = user_project(tmp_path, *KIT, "auto_resume.sbatch")
+    first = slurm.submit(project / "auto_resume.sbatch", project, TRAIN_ARGS=SLOW.format(steps=300))
+    first_output = project / f"ckpt-chain-{first}.out"
+    wait_for_step(slurm, first_output, 100, first)
+    slurm.signal_batch(first, "USR1")
+    assert slurm.wait_final(first)["JobState"] in {"COMPLETED", "FAILED"}  # exits 75
+    second = re.search(r"successor: job (\d+)", first_output.read_text())[1]
+
+    assert slurm.wait_final(second, timeout=120)["JobState"] == "COMPLETED"
+    second_output = (project / f"ckpt-chain-{second}.out").read_text()
+    assert "link 2/" in second_output and "resumed from preempt_" in second_output
+    third = re.search(r"successor: job (\d+)", second_output)[1]
+    assert slurm.wait_final(third)["JobState"] == "CANCELLED"
+    assert_same_run(reference(300), project / "checkpoints/last.pt", first_output)
+
+
+def test_array_task_requeues_only_itself(slurm, tmp_path, reference):
+    project = user_project(tmp_path, *KIT, "array.sbatch")
+    array_id = slurm.submit(project / "array.sbatch", project, "--array=0-1",
+                            TRAIN_ARGS=SLOW.format(steps=300))
+    task1_output = project / f"ckpt-array-{array_id}_1.out"
+    wait_for_step(slurm, task1_output, 100, f"{array_id}_1")
+    slurm.signal_batch(f"{array_id}_1", "USR1")
+
+    task0, task1 = (slurm.wait_final(f"{array_id}_{t}", timeout=150) for t in (0, 1))
+    assert (task0["JobState"], task0["Restarts"]) == ("COMPLETED", "0")
+    assert (task1["JobState"], task1["Restarts"]) == ("COMPLETED", "1"), task1_output.read_text()
+    assert_same_run(reference(300, seed=1), project / "checkpoints/task_1/last.pt", task1_output)
+
+
+# ------------------------------------------------------------------ the trap pitfall
+FOREGROUND_JOB = """#!/bin/bash
+#SBATCH --output=%x-%j.out
+trap 'echo "batch shell: got USR1, forwarding"; kill -USR1 $(pgrep -f train_with_checkpoint)' USR1
+python train_with_checkpoint.py --ckpt-dir checkpoints {args}   # foreground: the mistake
+"""
+
+
+@pytest.mark.parametrize("form", ["foreground child", "template"])
+def test_trap_fires_only_while_the_shell_waits(form, slurm, tmp_path):
+    """bash runs a trap only between commands: with training in the foreground, the
+    USR1 waits until training ends, long after the warning window. The template runs
+    training in the background and `wait`s, which a signal interrupts at once."""
+    project = user_project(tmp_path, *KIT, "preemptible.sbatch")
+    args = SLOW.format(steps=400)
+    script = project / "preemptible.sbatch"
+    if form == "foreground child":
+        script = project / "foreground.sbatch"
+        script.write_text(FOREGROUND_JOB.format(args=args))
+    job_id = slurm.submit(script, project, "--job-name=trap", TRAIN_ARGS=args)
+    output_file = project / f"trap-{job_id}.out"
+    wait_for_step(slurm, output_file, 60, job_id)
+    slurm.signal_batch(job_id, "USR1")
+    saved = list((project / "checkpoints").glob("preempt_*.pt"))
+    try:
+        saved = slurm.wait_until(lambda: list((project / "checkpoints").glob("preempt_*.pt")),
+                                 timeout=4, what="a preemption checkpoint")
+    except TimeoutError:
+        pass
+    finally:
+        slurm.run("scancel", job_id, check=False)
+    if form == "template":
+        assert saved, output_file.read_text()
+    else:
+        assert not saved and "got USR1" not in output_file.read_text()
