@@ -218,3 +218,31 @@ def test_trap_fires_only_while_the_shell_waits(form, slurm, tmp_path):
         assert saved, output_file.read_text()
     else:
         assert not saved and "got USR1" not in output_file.read_text()
+
+
+# ------------------------------------------------------------------ preflight
+@pytest.mark.parametrize("sbatch", ["preemptible.sbatch", "preemptible_srun.sbatch"])
+def test_preflight_passes_in_the_templates(sbatch, slurm, tmp_path):
+    project = user_project(tmp_path, *KIT, "preflight.py", sbatch)
+    job_id = slurm.submit(project / sbatch, project, "--job-name=preflight",
+                          PROGRAM="preflight.py", TRAIN_ARGS="--state-mb 20")
+    job = slurm.wait_final(job_id)
+    output = (project / f"preflight-{job_id}.out").read_text()
+    assert job["ExitCode"] == "0:0", output
+    for check in ("--signal", "--requeue", "--open-mode=append", "save time", "signal delivery"):
+        assert f"PASS  {check}:" in output, output
+    assert "0 failed" in output
+
+
+def test_preflight_catches_a_foreground_child_and_a_missing_signal(slurm, tmp_path):
+    project = user_project(tmp_path, *KIT, "preflight.py")
+    script = project / "foreground.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --output=%x-%j.out\n"
+                      "trap 'kill -USR1 $(pgrep -f preflight.py)' USR1\n"
+                      "python preflight.py --state-mb 1 --wait 3\n")
+    job_id = slurm.submit(script, project, "--job-name=preflight")
+    job = slurm.wait_final(job_id)
+    output = (project / f"preflight-{job_id}.out").read_text()
+    assert job["JobState"] == "FAILED", output
+    assert "FAIL  --signal:" in output and "FAIL  signal delivery:" in output
+    assert "2 failed" in output

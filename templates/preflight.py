@@ -1,0 +1,146 @@
+"""Preflight check for a preemption-safe Slurm job: run it once in your job, in place of
+training, before you trust the job with a week of compute.
+
+    sbatch --export=ALL,PROGRAM=preflight.py preemptible.sbatch
+    # or in your own sbatch file: python preflight.py --ckpt-dir checkpoints --state-mb 2000
+
+It checks, for real, inside the job:
+  1. the job context (job id, restarts, node, time limit);
+  2. the sbatch file asks for a warning signal (--signal), a requeue (--requeue) and keeps
+     the output of earlier runs (--open-mode=append);
+  3. scontrol is reachable (training needs it to requeue itself);
+  4. the checkpoint folder is writable and has room for --keep checkpoints;
+  5. a save of --state-mb MB finishes well within the signal's lead time;
+  6. the signal reaches this process: it asks Slurm to send it now, the way Slurm will at
+     the time limit, and waits for it (a foreground child behind a trap, or torchrun with
+     SIGUSR1, fails here).
+Exit code 0 when nothing failed. Needs checkpoint_utils.py beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint_utils import CheckpointManager, PreemptionHandler
+
+results: list[tuple[str, str, str]] = []  # (PASS/WARN/FAIL, check, detail)
+
+
+def report(status: str, check: str, detail: str) -> None:
+    results.append((status, check, detail))
+    print(f"{status:4}  {check}: {detail}", flush=True)
+
+
+def scontrol(*args: str) -> str | None:
+    if shutil.which("scontrol") is None:
+        return None
+    result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30)
+    return result.stdout if result.returncode == 0 else None
+
+
+def signal_directive(script: str) -> tuple[str, bool, int] | None:
+    """(signal name, to batch shell only, lead seconds) from an #SBATCH --signal line."""
+    match = re.search(r"^#SBATCH\s+--signal[= ](B:)?(?:SIG)?(\w+)(?:@(\d+))?", script, re.M)
+    if not match:
+        return None
+    return match[2], bool(match[1]), int(match[3] or 60)  # Slurm's default lead is 60 s
+
+
+def check_job(job_id: str) -> str:
+    info = scontrol("show", "job", job_id) or ""
+    limit = re.search(r"TimeLimit=(\S+)", info)
+    report("PASS", "job", f"{job_id} on {os.uname().nodename}, restart "
+           f"{os.environ.get('SLURM_RESTART_COUNT', '0')}, time limit "
+           f"{limit[1] if limit else 'unknown'}")
+    return scontrol("write", "batch_script", job_id, "-") or ""
+
+
+def check_directives(script: str) -> tuple[str, bool, int] | None:
+    found = signal_directive(script)
+    if found is None:
+        report("FAIL", "--signal", "no '#SBATCH --signal=B:USR1@<seconds>' (or without B: "
+               "under srun): the job gets no warning before its time limit")
+    else:
+        name, batch, lead = found
+        report("PASS", "--signal", f"SIG{name} {lead} s before the limit, to "
+               f"{'the batch shell (B:)' if batch else 'the srun steps'}")
+    for flag, why in (("--requeue", "the job cannot be requeued"),
+                      ("--open-mode=append", "each requeued run truncates the output file")):
+        if re.search(rf"^#SBATCH\s+{re.escape(flag)}", script, re.M):
+            report("PASS", flag, "set")
+        else:
+            report("WARN", flag, f"not set: {why}")
+    return found
+
+
+def check_storage_and_save_time(ckpt_dir: Path, state_mb: float, keep: int, lead: int) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    free_mb = shutil.disk_usage(ckpt_dir).free / 1e6
+    needed = state_mb * (keep + 1)  # keep checkpoints plus the one being written
+    report("PASS" if free_mb > needed else "FAIL", "free space",
+           f"{free_mb:,.0f} MB free in {ckpt_dir}, {needed:,.0f} MB needed for {keep}+1 "
+           f"checkpoints of {state_mb:g} MB")
+    with tempfile.TemporaryDirectory(dir=ckpt_dir, prefix=".preflight-") as scratch:
+        state = {"model": {"weights": torch.ones(int(state_mb * 1e6 / 4))}}
+        started = time.perf_counter()
+        CheckpointManager(scratch).save(state, step=1, epoch=0)
+        seconds = time.perf_counter() - started
+    status = "PASS" if seconds * 3 < lead else ("WARN" if seconds < lead else "FAIL")
+    report(status, "save time", f"{seconds:.2f} s for {state_mb:g} MB; lead time {lead} s "
+           "(keep the save under a third of it)")
+
+
+def check_signal_arrives(job_id: str, name: str, to_batch: bool, wait: float) -> None:
+    with PreemptionHandler() as handler:
+        command = ["scancel", f"--signal={name}", job_id] + (["--batch"] if to_batch else [])
+        subprocess.run(command, capture_output=True, timeout=30)
+        deadline = time.monotonic() + wait
+        while not handler.requested and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if handler.requested:
+        report("PASS", "signal delivery", f"{handler.signal_name} reached this process")
+    else:
+        report("FAIL", "signal delivery", f"SIG{name} sent with {' '.join(command)} did not "
+               f"arrive within {wait:g} s. Run training in the background and `wait` for it "
+               "in the batch shell, forward the signal with a trap, and note that torchrun "
+               "does not forward SIGUSR1/SIGUSR2")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt-dir", default="checkpoints")
+    p.add_argument("--state-mb", type=float, default=100.0, help="size of your checkpoint")
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the signal")
+    args, _ = p.parse_known_args(argv)  # accept the training flags of the sbatch file too
+
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        report("FAIL", "job", "not inside a Slurm job: run this from your sbatch file")
+        return 1
+    if shutil.which("scontrol") is None or shutil.which("scancel") is None:
+        report("FAIL", "scontrol", "scontrol/scancel not on PATH (inside a container?): "
+               "training cannot requeue itself; let the batch script requeue on exit 75")
+        return 1
+    report("PASS", "scontrol", shutil.which("scontrol"))
+    found = check_directives(check_job(job_id))
+    name, to_batch, lead = found or ("USR1", True, 60)
+    check_storage_and_save_time(Path(args.ckpt_dir), args.state_mb, args.keep, lead)
+    check_signal_arrives(job_id, name, to_batch, args.wait)
+    failed = [check for status, check, _ in results if status == "FAIL"]
+    print(f"preflight: {len(results)} checks, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
