@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast clean
+.PHONY: help setup demo test test-fast grade starters clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,12 @@ test: setup  ## the whole test suite (installs what it needs first)
 
 test-fast: setup  ## unit tests only, no processes started
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+grade: setup  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.json]
+	@$(PY) scripts/grade.py $(EX) $(if $(FILE),--file $(FILE)) $(if $(JSON),--json $(JSON))
+
+starters:  ## regenerate the exercise starters from the templates
+	@$(PY) scripts/make_starters.py
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf out .pytest_cache

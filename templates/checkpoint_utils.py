@@ -504,7 +504,9 @@ def load_checkpoint_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         text = str(error)
-        if "weights_only" in text.lower() or "Unsupported" in text:
+        # A file naming a callable or class that weights_only does not allow is unsafe;
+        # anything else that fails (not a zip, truncated, "Unsupported operand") is corrupt.
+        if re.search(r"Unsupported global|not an allowed global|Unsupported class", text):
             culprit = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             raise UnsafeCheckpointError(
                 f"{Path(path).name}: refused to load, it contains objects that only a "

@@ -1,0 +1,314 @@
+"""Grader of ex01. Run it with `make grade EX=ex01`, not with pytest directly.
+
+Each check grades one task on its own: inputs for a task are built with the reference
+kit (`reference`), so a mistake in one task never costs the points of another.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+
+# ----------------------------------------------------------------------------- a tiny run
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+    return model, optimizer, scheduler, scaler
+
+
+def train(model, optimizer, scheduler, scaler, steps: int) -> None:
+    """Steps that draw from torch (dropout), Python and NumPy RNGs, as real training does."""
+    for _ in range(steps):
+        inputs = torch.randn(4, 8) * random.uniform(0.5, 1.5) + float(np.random.normal())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(inputs).float().pow(2).mean()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+
+def seed_everything(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------------------- task 1
+@pytest.fixture
+def captured(learner):
+    seed_everything()
+    model, optimizer, scheduler, scaler = build()
+    train(model, optimizer, scheduler, scaler, 3)
+    progress = learner.TrainingProgress(step=70, epoch=2, batch_in_epoch=6,
+                                        metrics={"loss": 0.25})
+    state = learner.capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
+                                           scaler=scaler, progress=progress)
+    return state, model, optimizer, scheduler, scaler
+
+
+@pytest.mark.task(1)
+def test_model_and_optimizer_state_are_saved(captured):
+    """the checkpoint holds the model's and the optimizer's state"""
+    state, model, optimizer, *_ = captured
+    assert isinstance(state, dict), f"capture_training_state returned {type(state).__name__}, expected a dict"
+    assert isinstance(state.get("model"), dict) and all(
+        torch.equal(state["model"][k], v) for k, v in model.state_dict().items()), (
+        "state['model'] is not the model's state_dict(). Save model.state_dict(): the weights "
+        "by name, not the model object")
+    saved_optimizer = state.get("optimizer")
+    assert isinstance(saved_optimizer, dict) and len(saved_optimizer.get("state", {})) == len(
+        optimizer.state_dict()["state"]), (
+        "state['optimizer'] does not hold the optimizer's state_dict() (AdamW's moment "
+        "estimates): a resume without them restarts the optimizer and changes the run")
+
+
+@pytest.mark.task(1)
+def test_checkpoint_holds_only_weights_only_loadable_data(captured):
+    """the checkpoint loads with torch.load(weights_only=True)"""
+    state = captured[0]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError as error:
+        pytest.fail("torch.load(..., weights_only=True) refused the checkpoint: it holds "
+                    "objects, not just tensors and plain containers (did you save the model "
+                    f"or optimizer object instead of its state_dict()?). {str(error)[-160:]}")
+
+
+@pytest.mark.task(1)
+def test_epoch_step_and_position_are_saved_separately(captured):
+    """epoch, step and position in the epoch are saved as three numbers"""
+    state = captured[0]
+    found = {k: state.get(k) for k in ("epoch", "step", "batch_in_epoch")}
+    assert found == {"epoch": 2, "step": 70, "batch_in_epoch": 6}, (
+        f"with progress step=70, epoch=2, batch_in_epoch=6 the checkpoint has {found}. "
+        "Never derive the epoch from the step (or the reverse): save each one")
+
+
+@pytest.mark.task(1)
+def test_scheduler_scaler_rng_and_metrics_are_saved(captured):
+    """the scheduler, the GradScaler, the RNG states and the metrics are saved"""
+    state, _, _, scheduler, scaler = captured
+    assert state.get("scheduler") == scheduler.state_dict(), "state['scheduler'] is not scheduler.state_dict()"
+    assert state.get("scaler") == scaler.state_dict(), "state['scaler'] is not scaler.state_dict()"
+    rng = state.get("rng") or {}
+    assert {"python", "numpy", "torch_cpu"} <= set(rng), (
+        f"state['rng'] has {sorted(rng)}; expected capture_rng_state(): Python, NumPy and torch")
+    assert state.get("metrics") == {"loss": 0.25}, "state['metrics'] is not progress.metrics"
+
+
+# ----------------------------------------------------------------------------- task 2
+@pytest.fixture
+def checkpoint_after_3_steps(reference):
+    """A checkpoint written by the reference kit after 3 steps, and the weights of a run
+    that went on for 4 more steps without interruption."""
+    seed_everything()
+    model, optimizer, scheduler, scaler = build()
+    train(model, optimizer, scheduler, scaler, 3)
+    progress = reference.TrainingProgress(step=3, epoch=1, batch_in_epoch=1)
+    state = reference.capture_training_state(model=model, optimizer=optimizer,
+                                             scheduler=scheduler, scaler=scaler, progress=progress)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    train(model, optimizer, scheduler, scaler, 4)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True), weights(model)
+
+
+@pytest.mark.task(2)
+def test_restored_run_continues_bitwise_identical(learner, checkpoint_after_3_steps):
+    """a restored run continues exactly like the uninterrupted run"""
+    checkpoint, uninterrupted = checkpoint_after_3_steps
+    seed_everything(seed=123)  # a new process starts from other RNG states
+    model, optimizer, scheduler, scaler = build(seed=99)
+    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler)
+    train(model, optimizer, scheduler, scaler, 4)
+    differing = sum(not torch.equal(a, b) for a, b in zip(weights(model), uninterrupted))
+    assert differing == 0, (
+        f"after restoring a checkpoint and training 4 more steps, {differing} of "
+        f"{len(uninterrupted)} weight tensors differ from the run that was never "
+        "interrupted. Restore the model, optimizer, scheduler, scaler and every RNG")
+
+
+@pytest.mark.task(2)
+def test_restore_returns_the_saved_progress(learner, checkpoint_after_3_steps):
+    """restore_training_state returns the saved step, epoch and position"""
+    model, optimizer, scheduler, scaler = build()
+    progress = learner.restore_training_state(checkpoint_after_3_steps[0], model=model,
+                                              optimizer=optimizer, scheduler=scheduler,
+                                              scaler=scaler)
+    found = (getattr(progress, "step", None), getattr(progress, "epoch", None),
+             getattr(progress, "batch_in_epoch", None))
+    assert found == (3, 1, 1), f"returned step, epoch, batch_in_epoch = {found}, expected (3, 1, 1)"
+
+
+@pytest.mark.task(2)
+def test_every_rng_draws_the_same_numbers_after_restore(learner, checkpoint_after_3_steps):
+    """Python, NumPy and torch draw the same numbers after a restore"""
+    checkpoint = checkpoint_after_3_steps[0]
+    model, optimizer, scheduler, scaler = build()
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler)
+    first = draws()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler)
+    assert draws() == first, ("after restore_training_state the random numbers depend on "
+                              "what was drawn before it: restore the RNG states (last)")
+
+
+# ----------------------------------------------------------------------------- task 3
+@pytest.mark.task(3)
+def test_atomic_write_returns_checksum_and_size(learner, tmp_path):
+    """atomic_write_bytes writes the bytes and returns their sha256 and size"""
+    import hashlib
+    target = tmp_path / "a.pt"
+    result = learner.atomic_write_bytes(target, lambda f: f.write(b"x" * 1000))
+    assert target.read_bytes() == b"x" * 1000, "the file does not hold what the callback wrote"
+    expected = (hashlib.sha256(b"x" * 1000).hexdigest(), 1000)
+    assert tuple(result) == expected, f"returned {result}, expected (sha256 hex, size) {expected}"
+
+
+@pytest.mark.task(3)
+def test_failed_write_keeps_the_old_file(learner, tmp_path):
+    """a write that fails halfway leaves the old file as it was, and no temp file"""
+    target = tmp_path / "a.pt"
+    target.write_bytes(b"old checkpoint")
+
+    def fail_halfway(f):
+        f.write(b"half of a new checkpoint")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        learner.atomic_write_bytes(target, fail_halfway)
+    assert target.read_bytes() == b"old checkpoint", (
+        "a failed write changed the existing file: write to a temp file in the same folder, "
+        "and rename it over the target only when it is complete")
+    leftovers = [p.name for p in tmp_path.iterdir() if p != target]
+    assert leftovers == [], f"a failed write left {leftovers} behind: delete the temp file"
+
+
+@pytest.mark.task(3)
+def test_rename_stays_in_the_same_folder(learner, tmp_path, monkeypatch):
+    """the temp file is in the target's folder and is moved with os.replace"""
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (moves.append((src, dst)),
+                                                        real_replace(src, dst))[1])
+    target = tmp_path / "a.pt"
+    learner.atomic_write_bytes(target, lambda f: f.write(b"data"))
+    assert moves, "no os.replace: the file was written in place, so a kill leaves half a file"
+    src, dst = map(os.fspath, moves[-1])
+    assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path), (
+        f"the temp file {src} is not in {tmp_path}: a rename across file systems is a copy, "
+        "not atomic")
+
+
+@pytest.mark.task(3)
+def test_kill_during_write_keeps_the_old_file(learner_dir, tmp_path):
+    """a SIGKILL in the middle of a write leaves the old file intact"""
+    target = tmp_path / "a.pt"
+    target.write_bytes(b"old checkpoint")
+    child = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(learner_dir)!r})
+        import checkpoint_utils
+        def slow(f):
+            for _ in range(100):
+                f.write(b"new" * 1000)
+                f.flush()
+                print("writing", flush=True)
+                time.sleep(0.05)
+        checkpoint_utils.atomic_write_bytes({str(target)!r}, slow)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    if process.stdout.readline().strip() != "writing":
+        error = process.communicate()[1].strip().splitlines() or ["no output"]
+        pytest.fail(f"atomic_write_bytes failed before writing anything: {error[-1]}")
+    process.kill()
+    process.communicate()
+    assert target.read_bytes() == b"old checkpoint", (
+        "after a SIGKILL during the write the file is no longer the old checkpoint, and not "
+        "a complete new one either: write a temp file, then os.replace it")
+
+
+# ----------------------------------------------------------------------------- task 4
+def save_as_if_on_gpu(obj, path) -> None:
+    """torch.save that records every tensor as living on cuda:0, like a checkpoint written
+    on a GPU node, so that we can test loading it on this CPU-only machine."""
+    def cuda_tag(storage):
+        return "cuda:0" if storage.device.type == "cpu" else None
+
+    entry = (0, cuda_tag, lambda obj, location: None)
+    torch.serialization._package_registry.insert(0, entry)  # private, restored below
+    try:
+        torch.save(obj, path)
+    finally:
+        torch.serialization._package_registry.remove(entry)
+
+
+@pytest.mark.task(4)
+def test_gpu_checkpoint_loads_on_the_cpu(learner, tmp_path):
+    """a checkpoint saved on a GPU loads on a CPU-only node"""
+    path = tmp_path / "gpu.pt"
+    save_as_if_on_gpu({"model": {"w": torch.ones(3)}}, path)
+    try:
+        loaded = learner.load_checkpoint_file(path)
+    except NotImplementedError:
+        raise
+    except Exception as error:
+        pytest.fail(f"loading a checkpoint written on a GPU failed here: {error!s:.200}. "
+                    "Load onto the CPU (map_location='cpu') and move to a device afterwards")
+    assert loaded["model"]["w"].device.type == "cpu"
+
+
+@pytest.mark.task(4)
+def test_unsafe_pickle_is_refused_and_never_run(learner, tmp_path):
+    """a checkpoint that would run code when unpickled is refused, and nothing runs"""
+    sentinel = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, path)
+    with pytest.raises(learner.UnsafeCheckpointError):
+        learner.load_checkpoint_file(path)
+    assert not sentinel.exists(), "loading the checkpoint ran code: use weights_only=True"
+
+
+@pytest.mark.task(4)
+def test_garbage_file_raises_corrupt_checkpoint_error(learner, tmp_path):
+    """a file that is not a checkpoint raises CorruptCheckpointError"""
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x00not a zip file" * 10)
+    with pytest.raises(learner.CorruptCheckpointError):
+        learner.load_checkpoint_file(path)

@@ -1,0 +1,102 @@
+"""Grade an exercise: run its grader against a learner's file and print, per task, the
+points earned and, for every failed check, what was done, what was expected and a hint.
+
+    make grade EX=ex01                         # the file in exercises/ex01-*/
+    make grade EX=ex01 FILE=~/my_utils.py      # another file
+    python scripts/grade.py ex01 --json result.json
+
+The last line printed is `score: <earned>/<possible>`; the exit code is 0 only at full
+marks. A task's points are shared equally by its checks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from make_starters import EXERCISES, REPO, load_exercise
+
+
+def find_exercise(name: str) -> dict:
+    matches = sorted(EXERCISES.glob(f"{name}*"))
+    if len(matches) != 1 or not (matches[0] / "exercise.toml").exists():
+        known = ", ".join(p.name.split("-")[0] for p in sorted(EXERCISES.glob("ex*")))
+        sys.exit(f"grade: no exercise {name!r} (known: {known})")
+    return load_exercise(matches[0])
+
+
+def run_checks(exercise: dict, learner_file: Path) -> list[dict]:
+    """Run the exercise's grader in a fresh Python process; return one record per check."""
+    with tempfile.TemporaryDirectory() as scratch:
+        record = Path(scratch) / "checks.json"
+        env = {**os.environ, "GRADE_FILE": str(learner_file), "GRADE_AS": exercise["starter"],
+               "GRADE_WITH": " ".join(exercise.get("grade_with", [])),
+               "PYTHONPATH": str(REPO / "scripts")}
+        command = [sys.executable, "-m", "pytest", str(exercise["folder"] / "test_grader.py"),
+                   "-p", "grading", "--grade-json", str(record), "-q", "--no-header",
+                   "-p", "no:cacheprovider", "--rootdir", str(REPO)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if not record.exists():
+            sys.exit("grade: the grader itself failed to run:\n" + result.stdout[-3000:]
+                     + result.stderr[-3000:])
+        return json.loads(record.read_text())
+
+
+def score(exercise: dict, checks: list[dict]) -> list[dict]:
+    rows = []
+    for task in exercise["tasks"]:
+        mine = [c for c in checks if c["task"] == task["number"]]
+        passed = sum(c["passed"] for c in mine)
+        earned = round(task["points"] * passed / len(mine)) if mine else 0
+        if passed < len(mine):
+            earned = min(earned, task["points"] - 1)  # full points only when every check passes
+        rows.append({"task": task["number"], "title": task["title"], "earned": earned,
+                     "possible": task["points"], "checks": mine})
+    return rows
+
+
+def print_report(exercise: dict, learner_file: Path, rows: list[dict]) -> None:
+    print(f"Grading {learner_file} for {exercise['folder'].name}: {exercise['title']}\n")
+    print(f"  {'task':<48} {'points':>8}")
+    for row in rows:
+        label = f"{row['task']}. {row['title']}"
+        print(f"  {label:<48} {row['earned']:>3} / {row['possible']:<3}")
+    for row in rows:
+        for check in row["checks"]:
+            if not check["passed"]:
+                print(f"\nTask {row['task']}, {check['check']}\n  {check['message']}")
+    hints = exercise["folder"] / "hints.md"
+    if any(r["earned"] < r["possible"] for r in rows):
+        print(f"\nHints, numbered like the tasks: {hints.relative_to(REPO)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("exercise", help="ex01, ex02, ...")
+    parser.add_argument("--file", type=Path, help="the file to grade (default: the "
+                        "exercise's own starter file, which you edit)")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON")
+    args = parser.parse_args(argv)
+    exercise = find_exercise(args.exercise)
+    learner_file = (args.file or exercise["folder"] / exercise["starter"]).resolve()
+    if not learner_file.exists():
+        sys.exit(f"grade: {learner_file} does not exist")
+
+    rows = score(exercise, run_checks(exercise, learner_file))
+    print_report(exercise, learner_file, rows)
+    earned = sum(r["earned"] for r in rows)
+    possible = sum(r["possible"] for r in rows)
+    if args.json:
+        args.json.write_text(json.dumps({"exercise": exercise["folder"].name,
+                                         "file": str(learner_file), "earned": earned,
+                                         "possible": possible, "tasks": rows}, indent=2))
+    print(f"\nscore: {earned}/{possible}")
+    return 0 if earned == possible else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

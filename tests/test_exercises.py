@@ -1,0 +1,72 @@
+"""The graders have teeth: every reference solution gets full marks, every untouched
+starter gets almost nothing (and never crashes the grader), and every known-wrong
+solution loses the points of exactly the task it breaks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from make_starters import REPO, all_exercises, starter_for
+
+pytestmark = [pytest.mark.exercises, pytest.mark.integration]
+
+EXERCISES = all_exercises()
+MUTANTS = [pytest.param(ex, m, id=f"{ex['folder'].name.split('-')[0]}: {m['name']}")
+           for ex in EXERCISES if (ex["folder"] / "mutants.toml").exists()
+           for m in tomllib.loads((ex["folder"] / "mutants.toml").read_text())["mutant"]]
+
+
+def exercise_id(exercise: dict) -> str:
+    return exercise["folder"].name
+
+
+def grade(exercise: dict, learner_file, tmp_path) -> tuple[dict, subprocess.CompletedProcess]:
+    """`scripts/grade.py exNN --file F --json J`, the instructors' contract."""
+    result_file = tmp_path / "grade.json"
+    name = exercise["folder"].name.split("-")[0]
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "grade.py"), name, "--file",
+                          str(learner_file), "--json", str(result_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.stdout.strip().splitlines()[-1].startswith("score: "), run.stdout + run.stderr
+    return json.loads(result_file.read_text()), run
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=exercise_id)
+def test_committed_starter_is_generated_from_the_template(exercise):
+    path, text = starter_for(exercise)
+    assert path.read_text() == text, (
+        f"{path.relative_to(REPO)} is stale: run `python scripts/make_starters.py`")
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=exercise_id)
+def test_reference_solution_gets_full_marks(exercise, tmp_path):
+    result, run = grade(exercise, REPO / exercise["template"], tmp_path)
+    assert result["earned"] == result["possible"], run.stdout
+    assert run.returncode == 0
+    assert run.stdout.strip().endswith(f"score: {result['possible']}/{result['possible']}")
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=exercise_id)
+def test_untouched_starter_gets_few_points(exercise, tmp_path):
+    result, run = grade(exercise, exercise["folder"] / exercise["starter"], tmp_path)
+    assert result["earned"] <= 0.1 * result["possible"], run.stdout
+    assert run.returncode == 1
+    assert "not implemented yet" in run.stdout and "Traceback" not in run.stdout
+
+
+@pytest.mark.parametrize("exercise, mutant", MUTANTS)
+def test_known_wrong_solution_loses_exactly_its_task(exercise, mutant, tmp_path):
+    reference = (REPO / exercise["template"]).read_text()
+    assert reference.count(mutant["find"]) == 1, f"mutant {mutant['name']!r} no longer applies"
+    wrong = tmp_path / exercise["starter"]
+    wrong.write_text(reference.replace(mutant["find"], mutant["replace"]))
+
+    result, run = grade(exercise, wrong, tmp_path)
+    lost = {t["task"] for t in result["tasks"] if t["earned"] < t["possible"]}
+    assert lost == {mutant["task"]}, (
+        f"{mutant['name']!r} should lose points in task {mutant['task']} only; "
+        f"lost in {sorted(lost) or 'none'}:\n{run.stdout}")
