@@ -8,6 +8,7 @@ interrupted job must end bitwise identical to the same training run without Slur
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -246,3 +247,23 @@ def test_preflight_catches_a_foreground_child_and_a_missing_signal(slurm, tmp_pa
     assert job["JobState"] == "FAILED", output
     assert "FAIL  --signal:" in output and "FAIL  signal delivery:" in output
     assert "2 failed" in output
+
+
+# ------------------------------------------------------------------ exercise jobs
+EXERCISE_JOBS = sorted((TEMPLATES.parent / "exercises").glob("ex*/job.sbatch"))
+
+
+@pytest.mark.parametrize("job_file", EXERCISE_JOBS, ids=lambda p: p.parent.name)
+def test_exercise_job_grades_on_the_cluster(job_file, slurm, tmp_path):
+    """Each exercise's job.sbatch grades a copy of the exercise holding the reference
+    solution, and so must report full marks."""
+    import tomllib
+    exercise = tomllib.loads((job_file.parent / "exercise.toml").read_text())
+    folder = tmp_path / job_file.parent.name
+    shutil.copytree(job_file.parent, folder)
+    shutil.copy(TEMPLATES.parent / exercise["template"], folder / exercise["starter"])
+    job_id = slurm.submit(folder / "job.sbatch", folder, REPO=str(TEMPLATES.parent))
+    job = slurm.wait_final(job_id, timeout=300)
+    output = next(folder.glob(f"*-{job_id}.out")).read_text()
+    assert job["JobState"] == "COMPLETED", output
+    assert re.search(r"^score: (\d+)/\1$", output, re.M), output
