@@ -5,14 +5,20 @@ The command must print progress lines like the templates do (``step 120/600 ... 
 0.41``, one per step with ``--log-every 1``) and the kit's ``resumed from NAME (step N``
 line. This module is what the demo, the tests and the fault-injection bench use to
 interrupt runs; it sends the signals itself, so nothing is mocked.
+
+``run_ranks`` starts the ranks of a torch.distributed job as separate processes, one per
+rank as srun does, follows rank 0's progress and can signal one chosen rank only.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 from typing import Sequence
 
@@ -31,10 +37,12 @@ EXPECTED_AFTER_SIGNAL = {
 
 @dataclasses.dataclass
 class Interruption:
-    """Send ``signal`` once the run has printed progress for ``at_step``."""
+    """Send ``signal`` once the run has printed progress for ``at_step``; in a run of
+    several ranks, to the ranks in ``ranks`` only (None: every rank)."""
 
     at_step: int
     signal: int
+    ranks: Sequence[int] | None = None
 
 
 @dataclasses.dataclass
@@ -51,7 +59,10 @@ class Attempt:
     save_seconds: float | None = None
     loop_seconds: float | None = None
     losses: dict[int, float] = dataclasses.field(default_factory=dict)
-    output: list[str] = dataclasses.field(default_factory=list)
+    output: list[str] = dataclasses.field(default_factory=list)  # rank 0's with several
+    exit_codes: list[int] = dataclasses.field(default_factory=list)  # one per rank
+    rank_output: list[list[str]] = dataclasses.field(default_factory=list)  # one per rank
+    seconds_after_signal: float | None = None  # until the last process ended
 
     @property
     def signal_name(self) -> str:
@@ -68,26 +79,125 @@ def run_once(command: Sequence[str], interruption: Interruption | None = None,
     wait for the process to end. Every output line is kept in ``Attempt.output``."""
     attempt = Attempt(command=list(command), interruption=interruption)
     started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1, env=env, start_new_session=True)
+    signal_sent = None
+    process = _start(command, env)
     try:
         for line in process.stdout:
             attempt.output.append(line.rstrip("\n"))
             _read_line(attempt, line)
-            due = (interruption is not None and attempt.signal_sent_at_step is None
-                   and attempt.last_step >= interruption.at_step)
-            if due:
-                process.send_signal(interruption.signal)
-                attempt.signal_sent_at_step = attempt.last_step
+            signal_sent = _signal_if_due(attempt, [process]) or signal_sent
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{command[0]} ran longer than {timeout} s")
         attempt.exit_code = process.wait(timeout=timeout)
     finally:
+        _kill_if_running([process])
+    _finish(attempt, [attempt.exit_code], [attempt.output], started, signal_sent)
+    return attempt
+
+
+def run_ranks(command: Sequence[str], world_size: int,
+              interruption: Interruption | None = None, env: dict | None = None,
+              timeout: float = 300.0) -> Attempt:
+    """Start ``world_size`` processes of ``command`` as the ranks of one torch.distributed
+    job, the way srun starts one task per rank: each gets RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR=127.0.0.1 and a MASTER_PORT free at launch. Rank 0's output drives the
+    interruption and fills ``output``, ``last_step`` and ``losses``; every rank's output
+    and exit code are kept (``rank_output``, ``exit_codes``; ``exit_code`` is rank 0's).
+
+    Example::
+
+        attempt = run_ranks(command, 2, Interruption(50, signal.SIGUSR1, ranks=[1]))
+        assert attempt.exit_codes == [75, 75]
+    """
+    attempt = Attempt(command=list(command), interruption=interruption)
+    started = time.monotonic()
+    signal_sent = None
+    lines: queue.Queue = queue.Queue()
+    rank_output: list[list[str]] = [attempt.output] + [[] for _ in range(world_size - 1)]
+    processes = []
+    try:
+        for rank, rank_env in enumerate(_rank_environments(env, world_size)):
+            processes.append(_start(command, rank_env))
+            threading.Thread(target=_forward_lines, args=(rank, processes[-1].stdout, lines),
+                             daemon=True).start()
+        streams_open = world_size
+        while streams_open:
+            rank, line = lines.get(timeout=max(0.0, started + timeout - time.monotonic()))
+            if line is None:  # this rank closed its output: it has ended
+                streams_open -= 1
+                continue
+            rank_output[rank].append(line.rstrip("\n"))
+            if rank == 0:
+                _read_line(attempt, line)
+                signal_sent = _signal_if_due(attempt, processes) or signal_sent
+        exit_codes = [process.wait(timeout=timeout) for process in processes]
+    except queue.Empty:
+        raise TimeoutError(f"{command[0]} ran longer than {timeout} s") from None
+    finally:
+        _kill_if_running(processes)
+    attempt.exit_code = exit_codes[0]
+    _finish(attempt, exit_codes, rank_output, started, signal_sent)
+    return attempt
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now. Another program may take it before rank 0
+    binds it; asking anew for each launch keeps that window short and never reuses a
+    port that a run still holds."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_environments(env: dict | None, world_size: int) -> list[dict]:
+    base = dict(os.environ if env is None else env)
+    shared = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port())}
+    return [{**base, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            for rank in range(world_size)]
+
+
+def _start(command: Sequence[str], env: dict | None) -> subprocess.Popen:
+    # A session of its own: the cleanup can kill whatever the command started.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, env=env, start_new_session=True)
+
+
+def _forward_lines(rank: int, stream, lines: queue.Queue) -> None:
+    """Put every line of one rank on the shared queue, then None. One thread per rank
+    keeps every pipe drained: a rank blocked on a full pipe would stall all of them."""
+    for line in stream:
+        lines.put((rank, line))
+    lines.put((rank, None))
+
+
+def _signal_if_due(attempt: Attempt, processes: list[subprocess.Popen]) -> float | None:
+    """Send the interruption's signal once its step is reached; return when it was sent."""
+    interruption = attempt.interruption
+    if (interruption is None or attempt.signal_sent_at_step is not None
+            or attempt.last_step < interruption.at_step):
+        return None
+    ranks = range(len(processes)) if interruption.ranks is None else interruption.ranks
+    for rank in ranks:
+        processes[rank].send_signal(interruption.signal)
+    attempt.signal_sent_at_step = attempt.last_step
+    return time.monotonic()
+
+
+def _kill_if_running(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    attempt.seconds = time.monotonic() - started
-    return attempt
+
+
+def _finish(attempt: Attempt, exit_codes: list[int], rank_output: list[list[str]],
+            started: float, signal_sent: float | None) -> None:
+    ended = time.monotonic()
+    attempt.exit_codes, attempt.rank_output = exit_codes, rank_output
+    attempt.seconds = ended - started
+    if signal_sent is not None:
+        attempt.seconds_after_signal = ended - signal_sent
 
 
 def _read_line(attempt: Attempt, line: str) -> None:
@@ -102,25 +212,49 @@ def _read_line(attempt: Attempt, line: str) -> None:
 
 
 def run_until_finished(command: Sequence[str], interruptions: Sequence[Interruption] = (),
-                       env: dict | None = None, max_attempts: int = 50) -> list[Attempt]:
+                       env: dict | None = None, max_attempts: int = 50,
+                       world_size: int | None = None, timeout: float = 300.0) -> list[Attempt]:
     """Run ``command`` again and again until it exits 0, sending one interruption per
     attempt in order. Raises ``UnexpectedExit`` (with the output) on a crash or on an exit
-    code that the signal sent does not explain."""
+    code that the signal sent does not explain. With ``world_size``, each attempt is a
+    ``run_ranks`` of that many ranks, and every rank's exit code must be explained.
+
+    Example::
+
+        attempts = run_until_finished(command, [Interruption(120, signal.SIGKILL)],
+                                      world_size=2)
+    """
     attempts: list[Attempt] = []
     pending = list(interruptions)
     while len(attempts) < max_attempts:
         interruption = pending.pop(0) if pending else None
-        attempt = run_once(command, interruption, env)
+        if world_size is None:
+            attempt = run_once(command, interruption, env, timeout)
+        else:
+            attempt = run_ranks(command, world_size, interruption, env, timeout)
         attempts.append(attempt)
-        if attempt.exit_code == 0:
+        if all(code == 0 for code in attempt.exit_codes):
             return attempts
         expected = EXPECTED_AFTER_SIGNAL.get(interruption.signal, set()) if interruption else set()
-        if attempt.signal_sent_at_step is None or attempt.exit_code not in expected:
-            tail = "\n".join(attempt.output[-20:])
+        if attempt.signal_sent_at_step is None or not set(attempt.exit_codes) <= expected:
             raise UnexpectedExit(
-                f"attempt {len(attempts)} exited with {attempt.exit_code} after "
-                f"{attempt.signal_name} at step {attempt.signal_sent_at_step}:\n{tail}")
+                f"attempt {len(attempts)} exited with {_codes(attempt)} after "
+                f"{attempt.signal_name} at step {attempt.signal_sent_at_step}:\n"
+                + _output_tails(attempt))
     raise UnexpectedExit(f"did not finish within {max_attempts} attempts")
+
+
+def _codes(attempt: Attempt) -> str:
+    if len(attempt.exit_codes) == 1:
+        return str(attempt.exit_code)
+    return ", ".join(f"rank {rank}: {code}" for rank, code in enumerate(attempt.exit_codes))
+
+
+def _output_tails(attempt: Attempt, lines: int = 20) -> str:
+    if len(attempt.rank_output) <= 1:
+        return "\n".join(attempt.output[-lines:])
+    return "\n".join(f"--- rank {rank}\n" + "\n".join(output[-lines:])
+                     for rank, output in enumerate(attempt.rank_output))
 
 
 def steps_lost(attempts: Sequence[Attempt]) -> list[int]:

@@ -7,10 +7,14 @@ rank writes its shard with torch.distributed.checkpoint).
 
 Launchers and signals (see the distributed guide for the whole story):
 
-* ``torchrun`` catches SIGTERM/SIGINT and passes them on to the workers, but it does NOT
-  forward SIGUSR1/SIGUSR2: a ``--signal=B:USR1@120`` aimed at torchrun never reaches
-  training. Use ``srun`` (one task per rank; ``--signal=USR1@120`` without ``B:``
-  reaches every task) or trap the signal in the batch script and ``kill`` the workers.
+* ``torchrun`` catches SIGTERM/SIGINT and passes them on to the workers, but by default
+  it does NOT forward SIGUSR1/SIGUSR2: SIGUSR1 kills torchrun itself and never reaches
+  the workers. Use ``srun`` (one task per rank; ``--signal=USR1@120`` without ``B:``
+  reaches every task), or give torchrun ``--signals-to-handle
+  SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` (a recent option: PyTorch 2.13 has it),
+  or trap the signal in the batch script and ``kill`` the workers.
+* torchrun exits 1 whenever a worker exits non-zero, so the workers' 75 or 3 does not
+  reach the batch script; it also SIGTERMs the other workers as soon as one exits.
 * Whatever the launcher, a signal may reach one rank only, or ranks at different steps.
   ``StepAgreement`` turns "some rank was signalled" into "every rank stops after the same
   step", so no rank waits forever in a collective that the others never enter.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import random
 import shutil
 import subprocess
 
@@ -27,6 +32,11 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_utils import capture_rng_state, log, restore_rng_state
+
+try:  # NumPy is optional, as in checkpoint_utils.
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised only where NumPy is absent
+    np = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +52,10 @@ class DistributedContext:
 
 
 def _first_slurm_host() -> str:
-    """The first host of the job, from ``scontrol show hostnames $SLURM_JOB_NODELIST``."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    """The first host of this srun step (where task 0, rank 0, runs), from ``scontrol show
+    hostnames $SLURM_STEP_NODELIST``; the job's node list when there is no step's."""
+    nodelist = (os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+                or os.environ.get("SLURM_NODELIST"))
     scontrol = shutil.which("scontrol")
     if not nodelist or scontrol is None:
         return "127.0.0.1"
@@ -55,15 +67,23 @@ def _first_slurm_host() -> str:
 
 def detect_launcher(environ=None) -> DistributedContext:
     """Rank, world size and local rank from torchrun's variables (RANK, WORLD_SIZE,
-    LOCAL_RANK) or from srun's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); a single
-    process otherwise. ``srun`` inside an ``sbatch`` job with one task looks like a
-    single process too."""
+    LOCAL_RANK) or from srun's (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID); a
+    single process otherwise. ``srun`` inside an ``sbatch`` job with one task looks like a
+    single process too.
+
+    Example::
+
+        detect_launcher({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4"}).rank   # 1
+    """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistributedContext(int(env["RANK"]), int(env["WORLD_SIZE"]),
                                   int(env.get("LOCAL_RANK", 0)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return DistributedContext(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+    # The step's task count, not SLURM_NTASKS: the batch shell of an --ntasks=4 job has
+    # SLURM_PROCID=0 and SLURM_NTASKS=4 as well (Slurm 22.05), and a script started there
+    # without srun would wait for three ranks that never come. Only srun sets SLURM_STEP_*.
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return DistributedContext(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
                                   int(env.get("SLURM_LOCALID", 0)), "srun")
     return DistributedContext(0, 1, 0, "single")
 
@@ -86,14 +106,18 @@ def init_distributed(timeout_seconds: float = 300.0) -> DistributedContext:
         os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
         os.environ.setdefault("RANK", str(ctx.rank))
         os.environ.setdefault("WORLD_SIZE", str(ctx.world_size))
-    if ctx.launcher == "single":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(ctx.local_rank)
-    dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_seconds))
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    if ctx.launcher == "single":
+        # A group of one needs no rendezvous: an in-process store binds no port, so two
+        # single-process runs on one node cannot collide on a fixed MASTER_PORT.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=timeout)
     return ctx
 
 
@@ -136,8 +160,33 @@ def gather_rng_states() -> list[dict] | None:
 def restore_rank_rng_state(states: list[dict], rank: int) -> None:
     """Restore this rank's RNG state from a checkpoint's per-rank list. When the world
     size changed, the run cannot repeat the old random numbers anyway: say so and use a
-    state derived from this rank's position."""
-    if len(states) != dist.get_world_size():
-        log.warning("checkpoint was saved by %d ranks, now %d: per-rank random numbers "
-                    "will differ from the original run", len(states), dist.get_world_size())
+    state derived from this rank's position.
+
+    Example::
+
+        restore_rank_rng_state(checkpoint["rng_per_rank"], ctx.rank)
+    """
+    if len(states) == dist.get_world_size():
+        restore_rng_state(states[rank])
+        return
+    log.warning("checkpoint was saved by %d ranks, now %d: per-rank random numbers "
+                "will differ from the original run", len(states), dist.get_world_size())
     restore_rng_state(states[rank % len(states)])
+    if rank >= len(states):
+        # Ranks r and r + len(states) now hold the same state; left so, they would draw
+        # the same dropout masks and augmentation. Move this one to a stream of its own.
+        seed_all(int(torch.randint(0, 2**31, ())) + rank)
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a training run draws from: Python's ``random``, NumPy's
+    global generator (when installed) and torch on the CPU and every CUDA device.
+
+    Example::
+
+        seed_all(args.seed + ctx.rank)   # each rank its own random numbers
+    """
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
