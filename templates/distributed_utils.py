@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import os
 import random
+import re
 import shutil
 import subprocess
 
@@ -62,7 +63,14 @@ def _first_slurm_host() -> str:
     result = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True,
                             text=True, timeout=30, check=False)
     hosts = result.stdout.split()
-    return hosts[0] if result.returncode == 0 and hosts else "127.0.0.1"
+    if result.returncode != 0 or not hosts:
+        return "127.0.0.1"
+    # The node's NodeAddr is the address Slurm itself uses to reach it; a node name is not
+    # always resolvable (it is not on the local test cluster, and on some sites).
+    node = subprocess.run([scontrol, "show", "node", hosts[0]], capture_output=True,
+                          text=True, timeout=30, check=False)
+    address = re.search(r"NodeAddr=(\S+)", node.stdout)
+    return address[1] if address else hosts[0]
 
 
 def detect_launcher(environ=None) -> DistributedContext:

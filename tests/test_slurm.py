@@ -7,6 +7,7 @@ interrupted job must end bitwise identical to the same training run without Slur
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ def wait_for_step(slurm, output_file, step: int, job_id: str, timeout: float = 9
 # ------------------------------------------------------------------ every file completes
 @pytest.mark.parametrize("sbatch", ["basic_checkpoint.sbatch", "preemptible.sbatch",
                                     "preemptible_srun.sbatch", "auto_resume.sbatch"])
+# array.sbatch and ddp.sbatch have their own completion tests below
 def test_sbatch_file_runs_to_completion(sbatch, slurm, tmp_path):
     project = user_project(tmp_path, *KIT, sbatch)
     job_id = slurm.submit(project / sbatch, project, TRAIN_ARGS="--steps 60")
@@ -150,6 +152,41 @@ def test_time_limit_signal_arrives_before_the_kill(slurm, tmp_path, reference):
     assert "DUE TO TIME LIMIT" not in output
     assert "received SIGUSR1" in output and "resumed from preempt_" in output
     assert_same_run(reference(900), project / "checkpoints/last.pt", output_file)
+
+
+# ------------------------------------------------------------------ DDP under srun
+DDP_KIT = KIT + ("distributed_utils.py", "train_ddp.py")
+
+
+def test_ddp_job_completes(slurm, tmp_path):
+    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch")
+    job_id = slurm.submit(project / "ddp.sbatch", project, TRAIN_ARGS="--steps 40")
+    job = slurm.wait_final(job_id)
+    output = (project / f"ckpt-ddp-{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output
+    assert "step 40/40" in output and "rendezvous 127.0.0.1:" in output
+
+
+def test_ddp_job_is_signalled_on_every_rank_and_resumes(slurm, tmp_path, python_exe):
+    """--signal=USR1 without B: reaches both srun tasks; both stop after the same step,
+    rank 0 requeues, and the resumed job ends like a 2-rank run that was never stopped."""
+    from interrupted_run import run_until_finished
+
+    args = SLOW.format(steps=200)
+    reference_dir = tmp_path / "reference"
+    command = [python_exe, str(TEMPLATES / "train_ddp.py"), "--ckpt-dir", str(reference_dir),
+               *args.split()]
+    run_until_finished(command, world_size=2, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch")
+    job_id = slurm.submit(project / "ddp.sbatch", project, TRAIN_ARGS=args)
+    output_file = project / f"ckpt-ddp-{job_id}.out"
+    wait_for_step(slurm, output_file, 60, job_id)
+    slurm.run("scancel", "--signal=USR1", job_id)
+    job = slurm.wait_final(job_id, timeout=180)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert_same_run(reference_dir / "last.pt", project / "checkpoints/last.pt", output_file)
 
 
 # ------------------------------------------------------------------ chain and array
