@@ -9,18 +9,27 @@ A grader test file (exercises/exNN-*/test_grader.py) looks like this::
         \"\"\"The checkpoint holds the optimizer state.\"\"\"
         ...
         assert "optimizer" in state, "capture_training_state(...) returned no 'optimizer'"
+
+When the functions of one task call those of another, use ``task_kit`` instead of
+``learner``: the reference kit with only the checked task's functions taken from the
+learner's file, so that a mistake in one task never costs the points of another.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import json
 import os
 import shutil
 import sys
+import textwrap
 from pathlib import Path
+from typing import Sequence
 
 import pytest
+
+from make_starters import _find_function, load_exercise
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
@@ -57,16 +66,99 @@ def learner(learner_dir):
     return importlib.import_module(name)
 
 
+def _import_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def reference():
     """The reference kit (the template), imported under another name: graders build a
     task's inputs with it, so each task is graded on its own."""
     name = Path(os.environ["GRADE_AS"]).stem
-    spec = importlib.util.spec_from_file_location(f"reference_{name}", TEMPLATES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return _import_file(TEMPLATES / f"{name}.py", f"reference_{name}")
+
+
+def _first_line(node: ast.stmt) -> int:
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def write_hybrid_kit(folder: Path, functions: Sequence[str]) -> Path:
+    """Write into ``folder`` the reference kit, under the learner's file name (GRADE_AS),
+    with only ``functions`` ("name" or "Class.name") taken from the learner's file, beside
+    the GRADE_WITH scripts; return the kit's path.
+
+    A check of one task runs such a kit, in-process or as a real training process: the
+    learner's code for that task and the reference for everything else, so a mistake in
+    another task never costs this task's points. The learner's top-level imports and the
+    top-level functions, classes and constants that the reference lacks are appended, so
+    that helpers of their own keep working.
+    """
+    reference = (TEMPLATES / os.environ["GRADE_AS"]).read_text()
+    learner_file = Path(os.environ["GRADE_FILE"])
+    learner = learner_file.read_text()
+    ours, theirs = ast.parse(reference), ast.parse(learner, filename=learner_file.name)
+    lines, their_lines = reference.splitlines(), learner.splitlines()
+    swaps = []
+    for dotted in functions:
+        try:
+            mine = _find_function(theirs, dotted)
+        except (LookupError, StopIteration):
+            raise AssertionError(f"your file has no function {dotted}: keep the names and "
+                                 "signatures of the starter") from None
+        original = _find_function(ours, dotted)
+        block = "\n".join(their_lines[_first_line(mine) - 1:mine.end_lineno])
+        if mine.col_offset != original.col_offset:
+            block = textwrap.indent(textwrap.dedent(block), " " * original.col_offset)
+        swaps.append((_first_line(original) - 1, original.end_lineno, block.splitlines()))
+    for start, end, block in sorted(swaps, reverse=True):
+        lines[start:end] = block
+    known = _top_level_names(ours)
+    for node in theirs.body:
+        is_import = (isinstance(node, (ast.Import, ast.ImportFrom))
+                     and getattr(node, "module", None) != "__future__")
+        if is_import or (_top_level_names(ast.Module([node], [])) - known):
+            lines += [""] + their_lines[_first_line(node) - 1:node.end_lineno]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in os.environ.get("GRADE_WITH", "").split():
+        shutil.copy(TEMPLATES / name, folder / name)
+    kit = folder / os.environ["GRADE_AS"]
+    kit.write_text("\n".join(lines) + "\n")
+    return kit
+
+
+@pytest.fixture(scope="session")
+def _task_kits() -> dict:
+    return {}
+
+
+@pytest.fixture
+def task_kit(request, tmp_path_factory, _task_kits):
+    """The kit a check of task N runs (N from its ``task`` marker): the hybrid of
+    ``write_hybrid_kit`` with task N's functions, as exercise.toml lists them, imported
+    as a module. Its folder, ``Path(task_kit.__file__).parent``, also holds the
+    GRADE_WITH scripts: a training process started there runs the same code."""
+    number = request.node.get_closest_marker("task").args[0]
+    if number not in _task_kits:
+        tasks = load_exercise(request.path.parent)["tasks"]
+        functions = next(t["functions"] for t in tasks if t["number"] == number)
+        kit = write_hybrid_kit(tmp_path_factory.mktemp(f"task{number}-kit"), functions)
+        _task_kits[number] = _import_file(kit, f"task{number}_{kit.stem}")
+    return _task_kits[number]
 
 
 def learner_message(excinfo) -> str:
@@ -75,7 +167,7 @@ def learner_message(excinfo) -> str:
     error = excinfo.value
     if isinstance(error, NotImplementedError):
         return f"not implemented yet: {error}"
-    if isinstance(error, AssertionError):
+    if isinstance(error, (AssertionError, pytest.fail.Exception)):  # assert, pytest.fail
         text = str(error).split("\nassert ")[0].strip()
         return text or "a check failed"
     return f"your code raised {type(error).__name__}: {error}".strip()
