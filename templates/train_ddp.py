@@ -119,6 +119,72 @@ def load_file_rank0_chose(path: Path, step: int) -> dict:
     return checkpoint
 
 
+def make_checkpoint_manager(args, ctx: DistributedContext) -> CheckpointManager | None:
+    """The checkpoint manager of rank 0, and None on every other rank. Only rank 0 writes,
+    so only rank 0 has a manager: it alone cleans up, rotates and moves corrupt files
+    aside, and no two processes ever write the same file.
+
+    Example::
+
+        manager = make_checkpoint_manager(args, ctx)   # None unless ctx.is_main
+    """
+    if not ctx.is_main:
+        return None
+    return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
+                             max_bytes=args.max_bytes, world_size=ctx.world_size)
+
+
+def save_checkpoint(manager: CheckpointManager | None, kind: str, *,
+                    model: DistributedDataParallel, optimizer, scheduler, scaler, sampler,
+                    progress: TrainingProgress) -> None:
+    """Save one checkpoint of the whole run. Every rank calls it at the same step; rank 0
+    (the one with a manager) writes one file: the kit's state of the model *without* DDP's
+    wrapper, plus ``rng_per_rank``. No rank returns before that file is durable.
+
+    Example::
+
+        save_checkpoint(manager, "step", model=model, optimizer=optimizer,
+                        scheduler=scheduler, scaler=scaler, sampler=sampler,
+                        progress=progress)
+    """
+    rng_per_rank = gather_rank_rng_states()  # a collective: every rank takes part
+    if manager is not None:
+        state = capture_training_state(model=model.module, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=scaler,
+                                       sampler=sampler, progress=progress)
+        state[RNG_PER_RANK] = rng_per_rank
+        manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
+    # Every rank waits here until rank 0's file and marker are durable. No rank may
+    # exit before that: torchrun answers a worker's non-zero exit by stopping the
+    # others (SIGTERM, SIGKILL 30 s later), rank 0 in the middle of writing among
+    # them. Nor go on: "saved" must mean saved for every rank, and one that ran ahead
+    # would only wait for rank 0 in the next all-reduce.
+    dist.barrier()
+
+
+def gather_rank_rng_states() -> list[dict] | None:
+    """Every rank's RNG state, in rank order, on rank 0; None on the other ranks. A
+    collective: every rank calls it. Each rank draws its own random numbers (dropout
+    masks, augmentation), so each must get its own state back on resume.
+
+    Example::
+
+        state[RNG_PER_RANK] = gather_rank_rng_states()   # on rank 0: [rank 0's, rank 1's, ...]
+    """
+    return gather_rng_states()
+
+
+def restore_own_rng_state(checkpoint: dict, rank: int) -> None:
+    """Restore this rank's own RNG state from the checkpoint's ``rng_per_rank`` (its
+    ``rng`` key holds rank 0's only). Call it after everything else is restored.
+
+    Example::
+
+        restore_own_rng_state(checkpoint, ctx.rank)
+    """
+    restore_rank_rng_state(checkpoint[RNG_PER_RANK], rank)
+
+
 def agree_on_step(agreement: StepAgreement, schedule: SaveSchedule,
                   preemption: PreemptionHandler, progress: TrainingProgress,
                   epoch_finished: bool) -> tuple[bool, str | None]:
@@ -236,12 +302,7 @@ def train(args, ctx: DistributedContext) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
-    # Only rank 0 writes, so only rank 0 has a manager: it alone cleans up, rotates and
-    # moves corrupt files aside, and no two processes ever write the same file.
-    manager = None
-    if ctx.is_main:
-        manager = CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
-                                    max_bytes=args.max_bytes, world_size=ctx.world_size)
+    manager = make_checkpoint_manager(args, ctx)  # rank 0's; None on the other ranks
     schedule = SaveSchedule(every_steps=args.save_every_steps,
                             every_epochs=args.save_every_epochs,
                             every_seconds=args.save_every_seconds)
@@ -251,23 +312,12 @@ def train(args, ctx: DistributedContext) -> int:
     if checkpoint is not None:
         progress = restore_training_state(checkpoint, model=model.module, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
-        restore_rank_rng_state(checkpoint[RNG_PER_RANK], ctx.rank)  # rank 0's is in "rng"
+        restore_own_rng_state(checkpoint, ctx.rank)  # rank 0's alone is in "rng"
         del checkpoint
 
     def save(kind: str) -> None:
-        rng_per_rank = gather_rng_states()  # a collective: every rank takes part
-        if ctx.is_main:
-            state = capture_training_state(model=model.module, optimizer=optimizer,
-                                           scheduler=scheduler, scaler=scaler,
-                                           sampler=sampler, progress=progress)
-            state[RNG_PER_RANK] = rng_per_rank
-            manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
-        # Every rank waits here until rank 0's file and marker are durable. No rank may
-        # exit before that: torchrun answers a worker's non-zero exit by stopping the
-        # others (SIGTERM, SIGKILL 30 s later), rank 0 in the middle of writing among
-        # them. Nor go on: "saved" must mean saved for every rank, and one that ran ahead
-        # would only wait for rank 0 in the next all-reduce.
-        dist.barrier()
+        save_checkpoint(manager, kind, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, sampler=sampler, progress=progress)
         schedule.mark_saved()
 
     bar = ProgressLine(args.steps, progress.step, args.log_every) if ctx.is_main else None

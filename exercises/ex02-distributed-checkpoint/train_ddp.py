@@ -1,0 +1,348 @@
+# Exercise ex02-distributed-checkpoint: your file. Generated from templates/train_ddp.py by scripts/make_starters.py.
+# Implement the functions that raise NotImplementedError (README.md lists the tasks),
+# then grade your work with: make grade EX=ex02
+"""The training run of train_with_checkpoint.py on several ranks with DistributedDataParallel,
+with the same checkpoints, signals and exit codes: interrupted and resumed, it ends
+bitwise identical to a run that was never interrupted.
+
+    torchrun --standalone --nproc-per-node 2 train_ddp.py --ckpt-dir checkpoints --steps 600
+    srun --ntasks 4 python train_ddp.py --ckpt-dir checkpoints --steps 600   # under Slurm
+
+What DDP changes, and how this file deals with it:
+
+* Only rank 0 writes: one checkpoint file, with the keys of the single-process kit (the
+  model without DDP's "module." prefix) plus ``rng_per_rank``, the RNG state of every rank.
+* On resume rank 0 picks the checkpoint and every rank loads that same file; each rank
+  gets its own RNG state back.
+* A signal may reach one rank only. Every rank asks the others at each step boundary
+  (one all-reduce), so all ranks stop after the same step, save once, and exit with the
+  same code; the timer checkpoint follows rank 0's clock for the same reason.
+
+Exit codes, the same on every rank: 0 finished; 3 preempted, saved and requeued (rank 0
+runs scontrol); 75 preempted and saved but not requeued; 4 the emergency save took longer
+than --emergency-save-timeout. --batch-size is per rank. Needs PyTorch, checkpoint_utils.py,
+distributed_utils.py and train_with_checkpoint.py beside this file.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, default_collate
+
+from checkpoint_utils import (
+    EXIT_FINISHED,
+    CheckpointError,
+    CheckpointManager,
+    EmergencyDeadline,
+    PreemptionHandler,
+    ResumableSampler,
+    SaveSchedule,
+    TrainingProgress,
+    capture_training_state,
+    exit_after_preemption,
+    load_checkpoint_file,
+    restore_training_state,
+)
+from distributed_utils import (
+    DistributedContext,
+    StepAgreement,
+    gather_rng_states,
+    init_distributed,
+    restore_rank_rng_state,
+    seed_all,
+)
+
+# ----- CHANGE ME (1/3, 2/3, 3/3): your data, your model and optimizer, your loss.
+# They are imported from the single-process template, not copied: change them there, and
+# the single-process and the DDP run of your project train the same model on the same
+# data. (For a file that stands alone, paste them here, with ProgressLine and parse_args.)
+from train_with_checkpoint import (
+    ProgressLine,
+    augment,
+    compute_loss,
+    make_dataset,
+    make_model_and_optimizer,
+    parse_args,
+)
+
+RNG_PER_RANK = "rng_per_rank"  # the checkpoint key added to the single-process ones
+
+
+def configure_logging(rank: int) -> None:
+    """Rank 0 logs like the single-process template; other ranks say who they are, since
+    srun and torchrun mix every rank's output in one file."""
+    where = "" if rank == 0 else f" rank {rank}"
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"[%(name)s{where}] %(message)s")
+
+
+def load_agreed_checkpoint(manager: CheckpointManager | None, ckpt_dir: Path) -> dict | None:
+    """Rank 0 (the one with a manager) picks the newest valid checkpoint, moving corrupt
+    ones aside; every other rank then loads that very file. Were each rank to pick for
+    itself, a rank could list the folder while rank 0 moves a corrupt file away, and
+    resume from another step than its peers.
+
+    Example::
+
+        checkpoint = load_agreed_checkpoint(manager if ctx.is_main else None, ckpt_dir)
+    """
+    raise NotImplementedError("Task 3: Resume every rank from rank 0's choice (see README.md)")
+
+
+def load_file_rank0_chose(path: Path, step: int) -> dict:
+    """Load, on a rank other than 0, the checkpoint that rank 0 verified. Never moves a
+    file: that is rank 0's job. Fails with a clear message when this rank sees other bytes
+    than rank 0 did, which happens when the folder is not shared between the nodes."""
+    hint = f"is {path.parent} on a file system that every node sees?"
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"rank {dist.get_rank()} cannot load {path.name}, which rank 0 "
+                              f"verified ({error}): {hint}") from None
+    if checkpoint["step"] != step:
+        raise CheckpointError(f"rank {dist.get_rank()} reads step {checkpoint['step']} from "
+                              f"{path.name}, rank 0 read step {step}: {hint}")
+    return checkpoint
+
+
+def make_checkpoint_manager(args, ctx: DistributedContext) -> CheckpointManager | None:
+    """The checkpoint manager of rank 0, and None on every other rank. Only rank 0 writes,
+    so only rank 0 has a manager: it alone cleans up, rotates and moves corrupt files
+    aside, and no two processes ever write the same file.
+
+    Example::
+
+        manager = make_checkpoint_manager(args, ctx)   # None unless ctx.is_main
+    """
+    raise NotImplementedError('Task 1: Save once, on rank 0, and wait for it (see README.md)')
+
+
+def save_checkpoint(manager: CheckpointManager | None, kind: str, *,
+                    model: DistributedDataParallel, optimizer, scheduler, scaler, sampler,
+                    progress: TrainingProgress) -> None:
+    """Save one checkpoint of the whole run. Every rank calls it at the same step; rank 0
+    (the one with a manager) writes one file: the kit's state of the model *without* DDP's
+    wrapper, plus ``rng_per_rank``. No rank returns before that file is durable.
+
+    Example::
+
+        save_checkpoint(manager, "step", model=model, optimizer=optimizer,
+                        scheduler=scheduler, scaler=scaler, sampler=sampler,
+                        progress=progress)
+    """
+    raise NotImplementedError('Task 1: Save once, on rank 0, and wait for it (see README.md)')
+
+
+def gather_rank_rng_states() -> list[dict] | None:
+    """Every rank's RNG state, in rank order, on rank 0; None on the other ranks. A
+    collective: every rank calls it. Each rank draws its own random numbers (dropout
+    masks, augmentation), so each must get its own state back on resume.
+
+    Example::
+
+        state[RNG_PER_RANK] = gather_rank_rng_states()   # on rank 0: [rank 0's, rank 1's, ...]
+    """
+    raise NotImplementedError("Task 2: Every rank's random state (see README.md)")
+
+
+def restore_own_rng_state(checkpoint: dict, rank: int) -> None:
+    """Restore this rank's own RNG state from the checkpoint's ``rng_per_rank`` (its
+    ``rng`` key holds rank 0's only). Call it after everything else is restored.
+
+    Example::
+
+        restore_own_rng_state(checkpoint, ctx.rank)
+    """
+    raise NotImplementedError("Task 2: Every rank's random state (see README.md)")
+
+
+def agree_on_step(agreement: StepAgreement, schedule: SaveSchedule,
+                  preemption: PreemptionHandler, progress: TrainingProgress,
+                  epoch_finished: bool) -> tuple[bool, str | None]:
+    """Whether to stop, and the kind of checkpoint due now, decided by every rank together
+    at the same step boundary. Step and epoch saves follow from the step counter, which all
+    ranks share; a stop request and the timer do not, so they go through the all-reduce.
+
+    Example::
+
+        stop, kind = agree_on_step(agreement, schedule, preemption, progress, False)
+    """
+    raise NotImplementedError('Task 4: Stop together at a step boundary (see README.md)')
+
+
+def settle_gradient_buckets(model: DistributedDataParallel, optimizer, dataset,
+                            batch_size: int, device: torch.device) -> None:
+    """Run one forward and backward pass and throw its gradients away, so that DDP settles
+    its gradient buckets before the first real step. Every process runs it, fresh or
+    resumed, before anything else draws a random number or a checkpoint is restored.
+
+    DDP sums the ranks' gradients in buckets: provisional ones in the first backward pass
+    of a process, then ones laid out in the order that pass produced the gradients. With
+    3 ranks or more, another layout adds some elements of the ranks in another order, so
+    a resumed process, whose first step would use the provisional layout where the
+    uninterrupted run used the settled one, would drift from it by rounding errors (the
+    3-rank test in tests/test_ddp.py fails without this).
+
+    Example::
+
+        settle_gradient_buckets(model, optimizer, dataset, args.batch_size, device)
+    """
+    inputs, targets = default_collate([dataset[i] for i in range(batch_size)])
+    # Eval mode draws no dropout and updates no batch-norm statistics. (A model that uses
+    # other parameters in eval mode than in training would need train mode here.)
+    model.eval()
+    compute_loss(model, inputs.to(device), targets.to(device)).backward()
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+
+
+def agreed_exit_code(preemption: PreemptionHandler, *, requeue: bool) -> int:
+    """Rank 0 requeues the job (one ``scontrol requeue`` per job, not one per rank) and
+    every rank returns rank 0's exit code: 3 requeued, 75 not.
+
+    Example::
+
+        sys.exit(agreed_exit_code(preemption, requeue=True))
+    """
+    code = [None]
+    if dist.get_rank() == 0:
+        try:  # the kit's requeue and log lines, without exiting before the others know
+            exit_after_preemption(preemption, requeue=requeue)
+        except SystemExit as stop:
+            code = [stop.code]
+    else:
+        # What exit_after_preemption does on rank 0: Slurm answers the requeue with SIGTERM
+        # to every process of the job, which must not turn this rank's exit 3 into a kill
+        # (it did, with Slurm 22.05, before this line).
+        preemption.ignore_further_signals()
+    dist.broadcast_object_list(code, src=0)
+    return code[0]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctx = init_distributed()
+    configure_logging(ctx.rank)
+    code = train(args, ctx)
+    # DDP sits in a reference cycle that holds the process group; left for the interpreter
+    # to tear down at exit, it now and then aborts a rank ("terminate called without an
+    # active exception": about one run in five with 3 ranks, PyTorch 2.13 and gloo).
+    # train() has returned, so collecting now frees it while everything still works.
+    gc.collect()
+    dist.destroy_process_group()
+    return code
+
+
+def train(args, ctx: DistributedContext) -> int:
+    """Everything from building the model to the last save; returns the exit code."""
+    log = logging.getLogger("train")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", ctx.local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.use_deterministic_algorithms(True)
+
+    # The same seed on every rank builds the same initial weights (DDP would broadcast
+    # rank 0's anyway). From then on each rank draws its own random numbers: with one seed
+    # for all, every rank would apply the same dropout masks and augmentation noise.
+    seed_all(args.seed)
+    net, optimizer, scheduler = make_model_and_optimizer(args, device)
+    model = DistributedDataParallel(net, device_ids=[ctx.local_rank] if device.type == "cuda"
+                                    else None)
+    dataset = make_dataset(args.seed)
+    settle_gradient_buckets(model, optimizer, dataset, args.batch_size, device)
+    seed_all(args.seed + ctx.rank)
+
+    # Each rank trains on its own share of every epoch, in an order fixed by (seed, epoch).
+    sampler = ResumableSampler(len(dataset), batch_size=args.batch_size, seed=args.seed,
+                               rank=ctx.rank, num_replicas=ctx.world_size)
+    # Its own generator, as in the single-process template: a resumed run starts one more
+    # iterator than the uninterrupted one, and must not draw its seed from the global RNG.
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+    steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    manager = make_checkpoint_manager(args, ctx)  # rank 0's; None on the other ranks
+    schedule = SaveSchedule(every_steps=args.save_every_steps,
+                            every_epochs=args.save_every_epochs,
+                            every_seconds=args.save_every_seconds)
+    agreement = StepAgreement(device)
+    progress = TrainingProgress()
+    checkpoint = load_agreed_checkpoint(manager, Path(args.ckpt_dir))
+    if checkpoint is not None:
+        progress = restore_training_state(checkpoint, model=model.module, optimizer=optimizer,
+                                          scheduler=scheduler, scaler=scaler, sampler=sampler)
+        restore_own_rng_state(checkpoint, ctx.rank)  # rank 0's alone is in "rng"
+        del checkpoint
+
+    def save(kind: str) -> None:
+        save_checkpoint(manager, kind, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, sampler=sampler, progress=progress)
+        schedule.mark_saved()
+
+    bar = ProgressLine(args.steps, progress.step, args.log_every) if ctx.is_main else None
+    started = time.monotonic()
+    with PreemptionHandler() as preemption:
+        model.train()
+        while progress.step < args.steps:
+            sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+            for inputs, targets in loader:
+                inputs, targets = augment(inputs).to(device), targets.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                    loss = compute_loss(model, inputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()  # DDP averages the gradients of all ranks here
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if args.simulate_step_seconds:
+                    time.sleep(args.simulate_step_seconds)
+
+                # The step is complete on every rank: only now may the state be saved.
+                progress.step += 1
+                progress.batch_in_epoch += 1
+                epoch_finished = progress.batch_in_epoch == steps_per_epoch
+                if epoch_finished:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                progress.metrics["loss"] = loss.item()  # this rank's loss; rank 0's is shown
+                if bar is not None:
+                    bar.update(progress, progress.metrics["loss"])
+
+                if progress.step >= args.steps:
+                    break  # finished: a late signal changes nothing
+                stop, kind = agree_on_step(agreement, schedule, preemption, progress,
+                                           epoch_finished)
+                if stop:
+                    log.info("%s at step %d: %s",
+                             f"received {preemption.signal_name}" if preemption.requested
+                             else "another rank received a preemption signal",
+                             progress.step, "saving" if ctx.is_main else "rank 0 saves")
+                    with EmergencyDeadline(args.emergency_save_timeout):
+                        save("preempt")
+                    return agreed_exit_code(preemption, requeue=args.requeue)
+                if kind:
+                    save(kind)
+                if epoch_finished:
+                    break  # start the next epoch with a fresh data order
+        save("step")  # the last checkpoint holds the final state
+    if ctx.is_main:
+        elapsed = time.monotonic() - started
+        log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
+                 progress.step, manager.save_count, manager.save_seconds, elapsed,
+                 100 * manager.save_seconds / max(elapsed, 1e-9))
+    return EXIT_FINISHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
