@@ -21,8 +21,9 @@ test: setup  ## the whole test suite (installs what it needs first)
 test-fast: setup  ## unit tests only, no processes started
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-grade: setup  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.json]
-	@$(PY) scripts/grade.py $(EX) $(if $(FILE),--file $(FILE)) $(if $(JSON),--json $(JSON))
+grade: setup  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.json] [TASK=2]
+	@$(PY) scripts/grade.py $(EX) $(if $(FILE),--file $(FILE)) $(if $(JSON),--json $(JSON)) \
+		$(if $(TASK),--task $(TASK))
 
 starters:  ## regenerate the exercise starters from the templates
 	@$(PY) scripts/make_starters.py

@@ -4,6 +4,7 @@ points earned and, for every failed check, what was done, what was expected and 
     make grade EX=ex01                         # the file in exercises/ex01-*/
     make grade EX=ex01 FILE=~/my_utils.py      # another file
     python scripts/grade.py ex01 --json result.json
+    make grade EX=ex01 TASK=2                  # only task 2, while you work on it
 
 The last line printed is `score: <earned>/<possible>`; the exit code is 0 only at full
 marks. A task's points are shared equally by its checks.
@@ -29,8 +30,9 @@ def find_exercise(name: str) -> dict:
     return load_exercise(matches[0])
 
 
-def run_checks(exercise: dict, learner_file: Path) -> list[dict]:
-    """Run the exercise's grader in a fresh Python process; return one record per check."""
+def run_checks(exercise: dict, learner_file: Path, tasks: list[int] | None = None) -> list[dict]:
+    """Run the exercise's grader in a fresh Python process; return one record per check.
+    With ``tasks``, only the checks of those tasks run."""
     with tempfile.TemporaryDirectory() as scratch:
         record = Path(scratch) / "checks.json"
         env = {**os.environ, "GRADE_FILE": str(learner_file), "GRADE_AS": exercise["starter"],
@@ -39,6 +41,8 @@ def run_checks(exercise: dict, learner_file: Path) -> list[dict]:
         command = [sys.executable, "-m", "pytest", str(exercise["folder"] / "test_grader.py"),
                    "-p", "grading", "--grade-json", str(record), "-q", "--no-header",
                    "-p", "no:cacheprovider", "--rootdir", str(REPO)]
+        if tasks:
+            command += ["--grade-tasks", ",".join(map(str, tasks))]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if not record.exists():
             sys.exit("grade: the grader itself failed to run:\n" + result.stdout[-3000:]
@@ -46,9 +50,11 @@ def run_checks(exercise: dict, learner_file: Path) -> list[dict]:
         return json.loads(record.read_text())
 
 
-def score(exercise: dict, checks: list[dict]) -> list[dict]:
+def score(exercise: dict, checks: list[dict], tasks: list[int] | None = None) -> list[dict]:
     rows = []
     for task in exercise["tasks"]:
+        if tasks and task["number"] not in tasks:
+            continue
         mine = [c for c in checks if c["task"] == task["number"]]
         passed = sum(c["passed"] for c in mine)
         earned = round(task["points"] * passed / len(mine)) if mine else 0
@@ -80,13 +86,15 @@ def main(argv=None) -> int:
     parser.add_argument("--file", type=Path, help="the file to grade (default: the "
                         "exercise's own starter file, which you edit)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
+    parser.add_argument("--task", type=int, action="append", dest="tasks",
+                        help="grade only this task (repeatable): quicker while you work on it")
     args = parser.parse_args(argv)
     exercise = find_exercise(args.exercise)
     learner_file = (args.file or exercise["folder"] / exercise["starter"]).resolve()
     if not learner_file.exists():
         sys.exit(f"grade: {learner_file} does not exist")
 
-    rows = score(exercise, run_checks(exercise, learner_file))
+    rows = score(exercise, run_checks(exercise, learner_file, args.tasks), args.tasks)
     print_report(exercise, learner_file, rows)
     earned = sum(r["earned"] for r in rows)
     possible = sum(r["possible"] for r in rows)

@@ -3,6 +3,7 @@ starter gets almost nothing (and never crashes the grader), and every known-wron
 solution loses the points of exactly the task it breaks."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import tomllib
 
 import pytest
 
-from make_starters import REPO, all_exercises, starter_for
+from make_starters import REPO, _find_function, all_exercises, starter_for
 
 pytestmark = [pytest.mark.exercises, pytest.mark.integration]
 
@@ -24,12 +25,13 @@ def exercise_id(exercise: dict) -> str:
     return exercise["folder"].name
 
 
-def grade(exercise: dict, learner_file, tmp_path) -> tuple[dict, subprocess.CompletedProcess]:
+def grade(exercise: dict, learner_file, tmp_path, tasks=()) -> tuple[dict, subprocess.CompletedProcess]:
     """`scripts/grade.py exNN --file F --json J`, the instructors' contract."""
     result_file = tmp_path / "grade.json"
     name = exercise["folder"].name.split("-")[0]
+    only = [arg for number in tasks for arg in ("--task", str(number))]
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "grade.py"), name, "--file",
-                          str(learner_file), "--json", str(result_file)],
+                          str(learner_file), "--json", str(result_file), *only],
                          capture_output=True, text=True, timeout=600)
     assert run.stdout.strip().splitlines()[-1].startswith("score: "), run.stdout + run.stderr
     return json.loads(result_file.read_text()), run
@@ -58,6 +60,13 @@ def test_untouched_starter_gets_few_points(exercise, tmp_path):
     assert "not implemented yet" in run.stdout and "Traceback" not in run.stdout
 
 
+def task_sources(source: str, exercise: dict) -> dict[int, list[str]]:
+    """The source of every task's functions, per task number."""
+    tree = ast.parse(source)
+    return {task["number"]: [ast.get_source_segment(source, _find_function(tree, name))
+                             for name in task["functions"]] for task in exercise["tasks"]}
+
+
 @pytest.mark.parametrize("exercise, mutant", MUTANTS)
 def test_known_wrong_solution_loses_exactly_its_task(exercise, mutant, tmp_path):
     reference = (REPO / exercise["template"]).read_text()
@@ -65,7 +74,19 @@ def test_known_wrong_solution_loses_exactly_its_task(exercise, mutant, tmp_path)
     wrong = tmp_path / exercise["starter"]
     wrong.write_text(reference.replace(mutant["find"], mutant["replace"]))
 
-    result, run = grade(exercise, wrong, tmp_path)
+    if exercise.get("isolated_tasks"):
+        # Every check of these graders runs a hybrid kit: the reference with only the
+        # graded task's functions taken from the learner's file. Where a task's functions
+        # are untouched, its kit IS the reference kit, which gets full marks (proved
+        # above), so only the mutated task needs grading.
+        changed = {n for n, code in task_sources(wrong.read_text(), exercise).items()
+                   if code != task_sources(reference, exercise)[n]}
+        assert changed == {mutant["task"]}, (
+            f"{mutant['name']!r} changes the functions of tasks {sorted(changed)}, "
+            f"not only those of task {mutant['task']}")
+        result, run = grade(exercise, wrong, tmp_path, tasks=[mutant["task"]])
+    else:
+        result, run = grade(exercise, wrong, tmp_path)
     lost = {t["task"] for t in result["tasks"] if t["earned"] < t["possible"]}
     assert lost == {mutant["task"]}, (
         f"{mutant['name']!r} should lose points in task {mutant['task']} only; "
