@@ -301,12 +301,7 @@ def train(args, ctx: DistributedContext) -> int:
                 loss = train_step(model, optimizer, scheduler, inputs, targets)
 
                 # The step is complete on this rank: only now may the state be saved.
-                progress.step += 1
-                progress.batch_in_epoch += 1
-                epoch_finished = progress.batch_in_epoch == steps_per_epoch
-                if epoch_finished:
-                    progress.epoch += 1
-                    progress.batch_in_epoch = 0
+                epoch_finished = progress.finish_step(steps_per_epoch)
                 progress.metrics["loss"] = loss.item()
                 bar.update(progress, progress.metrics["loss"])
                 saver.poll()  # makes a finished background save final (collective)

@@ -188,12 +188,7 @@ def main(argv=None) -> int:
                     time.sleep(args.simulate_step_seconds)
 
                 # The step is complete: only now may the state be saved.
-                progress.step += 1
-                progress.batch_in_epoch += 1
-                epoch_finished = progress.batch_in_epoch == steps_per_epoch
-                if epoch_finished:
-                    progress.epoch += 1
-                    progress.batch_in_epoch = 0
+                epoch_finished = progress.finish_step(steps_per_epoch)
                 progress.metrics["loss"] = loss.item()
                 bar.update(progress, progress.metrics["loss"])
 

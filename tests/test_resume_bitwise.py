@@ -35,8 +35,10 @@ def reference(tmp_path_factory):
 
 
 def mid_epoch_steps(rng: random.Random, count: int) -> list[int]:
-    """Random steps that are not at an epoch boundary, so the resume starts mid-epoch."""
-    candidates = [s for s in range(20, STEPS - 20) if s % STEPS_PER_EPOCH not in (0, 1)]
+    """Random steps that are not at an epoch boundary, so the resume starts mid-epoch,
+    and after the first periodic save (step 60), so that even a SIGKILL has a checkpoint
+    to resume from."""
+    candidates = [s for s in range(70, STEPS - 20) if s % STEPS_PER_EPOCH not in (0, 1)]
     return sorted(rng.sample(candidates, count))
 
 

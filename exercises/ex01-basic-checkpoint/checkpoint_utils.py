@@ -258,6 +258,17 @@ class TrainingProgress:
     batch_in_epoch: int = 0
     metrics: dict = dataclasses.field(default_factory=dict)
 
+    def finish_step(self, steps_per_epoch: int) -> bool:
+        """Count one completed optimizer step; return True when it completed an epoch
+        (the epoch then advances and the position in it starts again at 0)."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch < steps_per_epoch:
+            return False
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        return True
+
 
 def capture_training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                            progress: TrainingProgress, scheduler=None, scaler=None,

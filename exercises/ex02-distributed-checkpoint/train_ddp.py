@@ -309,12 +309,7 @@ def train(args, ctx: DistributedContext) -> int:
                     time.sleep(args.simulate_step_seconds)
 
                 # The step is complete on every rank: only now may the state be saved.
-                progress.step += 1
-                progress.batch_in_epoch += 1
-                epoch_finished = progress.batch_in_epoch == steps_per_epoch
-                if epoch_finished:
-                    progress.epoch += 1
-                    progress.batch_in_epoch = 0
+                epoch_finished = progress.finish_step(steps_per_epoch)
                 progress.metrics["loss"] = loss.item()  # this rank's loss; rank 0's is shown
                 if bar is not None:
                     bar.update(progress, progress.metrics["loss"])
