@@ -106,6 +106,29 @@ def compute_loss(model, inputs, targets):
     return torch.nn.functional.cross_entropy(model(inputs), targets)
 
 
+def train_one_step(model, optimizer, scheduler, scaler, inputs, targets, *,
+                   amp: bool = False, pause: float = 0.0) -> float:
+    """One whole optimizer step on one batch: augmentation, forward, backward, optimizer,
+    scaler and schedule; returns the loss. A preemption flag is looked at only after it has
+    returned (and the step counters moved on), never in the middle of it.
+
+    With ``amp``, autocast runs in float16 on CUDA and bfloat16 on the CPU; the scaler
+    (enabled or not) is stepped either way, so its state is always in the checkpoint."""
+    device = next(model.parameters()).device
+    inputs, targets = augment(inputs).to(device), targets.to(device)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        loss = compute_loss(model, inputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # under DDP, the ranks' gradients are averaged here
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    if pause:
+        time.sleep(pause)  # --simulate-step-seconds: a slower model, for demos and tests
+    return loss.item()
+
+
 class ProgressLine:
     """A progress bar from the standard library: redrawn in place on a terminal, one line
     every ``every`` steps in a log file (Slurm's output file is not a terminal). It starts
@@ -149,7 +172,6 @@ def main(argv=None) -> int:
     steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
     model, optimizer, scheduler = make_model_and_optimizer(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     manager = CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
                                 max_bytes=args.max_bytes)
@@ -176,20 +198,11 @@ def main(argv=None) -> int:
         while progress.step < args.steps:
             sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
             for inputs, targets in loader:
-                inputs, targets = augment(inputs).to(device), targets.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                    loss = compute_loss(model, inputs, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if args.simulate_step_seconds:
-                    time.sleep(args.simulate_step_seconds)
-
+                loss = train_one_step(model, optimizer, scheduler, scaler, inputs, targets,
+                                      amp=args.amp, pause=args.simulate_step_seconds)
                 # The step is complete: only now may the state be saved.
                 epoch_finished = progress.finish_step(steps_per_epoch)
-                progress.metrics["loss"] = loss.item()
+                progress.metrics["loss"] = loss
                 bar.update(progress, progress.metrics["loss"])
 
                 if progress.step >= args.steps:

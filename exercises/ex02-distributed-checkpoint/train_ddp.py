@@ -26,10 +26,12 @@ distributed_utils.py and train_with_checkpoint.py beside this file.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,14 +68,15 @@ from distributed_utils import (
 # data. (For a file that stands alone, paste them here, with ProgressLine and parse_args.)
 from train_with_checkpoint import (
     ProgressLine,
-    augment,
     compute_loss,
     make_dataset,
     make_model_and_optimizer,
     parse_args,
+    train_one_step,
 )
 
 RNG_PER_RANK = "rng_per_rank"  # the checkpoint key added to the single-process ones
+log = logging.getLogger("train")
 
 
 def configure_logging(rank: int) -> None:
@@ -241,13 +244,36 @@ def main(argv=None) -> int:
     return code
 
 
-def train(args, ctx: DistributedContext) -> int:
-    """Everything from building the model to the last save; returns the exit code."""
-    log = logging.getLogger("train")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", ctx.local_rank)
-    else:
-        device = torch.device("cpu")
+@dataclass
+class DDPRun:
+    """Everything one rank's training run is made of, built once by build_run()."""
+    args: argparse.Namespace
+    ctx: DistributedContext
+    model: DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sampler: ResumableSampler
+    loader: DataLoader
+    manager: CheckpointManager | None  # rank 0's; None on the other ranks
+    schedule: SaveSchedule
+    agreement: StepAgreement
+    progress: TrainingProgress
+    bar: ProgressLine | None  # rank 0's
+
+    def save(self, kind: str) -> None:
+        """Save a checkpoint of this step; every rank calls it at the same step."""
+        save_checkpoint(self.manager, kind, model=self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler, sampler=self.sampler,
+                        progress=self.progress)
+        self.schedule.mark_saved()
+
+
+def build_run(args, ctx: DistributedContext) -> DDPRun:
+    """Model, data and checkpoint machinery of this rank, resumed from the newest valid
+    checkpoint when there is one."""
+    device = torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else \
+        torch.device("cpu")
     torch.use_deterministic_algorithms(True)
 
     # The same seed on every rank builds the same initial weights (DDP would broadcast
@@ -268,15 +294,8 @@ def train(args, ctx: DistributedContext) -> int:
     # iterator than the uninterrupted one, and must not draw its seed from the global RNG.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-    manager = make_checkpoint_manager(args, ctx)  # rank 0's; None on the other ranks
-    schedule = SaveSchedule(every_steps=args.save_every_steps,
-                            every_epochs=args.save_every_epochs,
-                            every_seconds=args.save_every_seconds)
-    agreement = StepAgreement(device)
+    manager = make_checkpoint_manager(args, ctx)
     progress = TrainingProgress()
     checkpoint = load_agreed_checkpoint(manager, Path(args.ckpt_dir))
     if checkpoint is not None:
@@ -284,58 +303,45 @@ def train(args, ctx: DistributedContext) -> int:
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
         restore_own_rng_state(checkpoint, ctx.rank)  # rank 0's alone is in "rng"
         del checkpoint
-
-    def save(kind: str) -> None:
-        save_checkpoint(manager, kind, model=model, optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, sampler=sampler, progress=progress)
-        schedule.mark_saved()
-
+    schedule = SaveSchedule(every_steps=args.save_every_steps,
+                            every_epochs=args.save_every_epochs,
+                            every_seconds=args.save_every_seconds)
     bar = ProgressLine(args.steps, progress.step, args.log_every) if ctx.is_main else None
+    return DDPRun(args, ctx, model, optimizer, scheduler, scaler, sampler, loader, manager,
+                  schedule, StepAgreement(device), progress, bar)
+
+
+def train_epoch(run: DDPRun, preemption: PreemptionHandler) -> int | None:
+    """Train from where the run stands to the end of this epoch, or of the run. Returns
+    None to go on, or the exit code once the ranks have stopped together: after a whole
+    step (train_one_step *and* progress.finish_step), all ranks decide at once
+    (agree_on_step) whether to stop and which checkpoint is due; on a stop they save the
+    "preempt" checkpoint under the emergency deadline and return agreed_exit_code().
+
+    Example::
+
+        while run.progress.step < run.args.steps:
+            if (code := train_epoch(run, preemption)) is not None:
+                return code
+    """
+    raise NotImplementedError('Task 4: Stop together at a step boundary (see README.md)')
+
+
+def train(args, ctx: DistributedContext) -> int:
+    """Everything from building the model to the last save; returns the exit code."""
+    run = build_run(args, ctx)
     started = time.monotonic()
     with PreemptionHandler() as preemption:
-        model.train()
-        while progress.step < args.steps:
-            sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
-            for inputs, targets in loader:
-                inputs, targets = augment(inputs).to(device), targets.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                    loss = compute_loss(model, inputs, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # DDP averages the gradients of all ranks here
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if args.simulate_step_seconds:
-                    time.sleep(args.simulate_step_seconds)
-
-                # The step is complete on every rank: only now may the state be saved.
-                epoch_finished = progress.finish_step(steps_per_epoch)
-                progress.metrics["loss"] = loss.item()  # this rank's loss; rank 0's is shown
-                if bar is not None:
-                    bar.update(progress, progress.metrics["loss"])
-
-                if progress.step >= args.steps:
-                    break  # finished: a late signal changes nothing
-                stop, kind = agree_on_step(agreement, schedule, preemption, progress,
-                                           epoch_finished)
-                if stop:
-                    log.info("%s at step %d: %s",
-                             f"received {preemption.signal_name}" if preemption.requested
-                             else "another rank received a preemption signal",
-                             progress.step, "saving" if ctx.is_main else "rank 0 saves")
-                    with EmergencyDeadline(args.emergency_save_timeout):
-                        save("preempt")
-                    return agreed_exit_code(preemption, requeue=args.requeue)
-                if kind:
-                    save(kind)
-                if epoch_finished:
-                    break  # start the next epoch with a fresh data order
-        save("step")  # the last checkpoint holds the final state
+        run.model.train()
+        while run.progress.step < args.steps:
+            if (code := train_epoch(run, preemption)) is not None:
+                return code
+        run.save("step")  # the last checkpoint holds the final state
     if ctx.is_main:
         elapsed = time.monotonic() - started
         log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
-                 progress.step, manager.save_count, manager.save_seconds, elapsed,
-                 100 * manager.save_seconds / max(elapsed, 1e-9))
+                 run.progress.step, run.manager.save_count, run.manager.save_seconds,
+                 elapsed, 100 * run.manager.save_seconds / max(elapsed, 1e-9))
     return EXIT_FINISHED
 
 
