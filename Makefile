@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast grade starters clean
+.PHONY: help setup demo chaos test test-fast grade starters clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -14,6 +14,17 @@ setup:  ## create .venv with everything the demo and the tests need (re-runnable
 demo: ## train, interrupt with real signals, resume, prove bitwise-identical weights
 	@scripts/setup-venv
 	@$(PY) scripts/demo.py
+
+FAULTS ?= 100
+RANKS  ?= 1
+CHAOS_TRAIN := templates/$(if $(filter-out 1,$(RANKS)),train_ddp.py,train_with_checkpoint.py)
+chaos: ## fault-injection bench: make chaos [FAULTS=100] [RANKS=2] [SEED=n] -> out/chaos/
+	@scripts/setup-venv
+	@mkdir -p out/chaos
+	@$(PY) scripts/chaos_bench.py --faults $(FAULTS) --ranks $(RANKS) $(if $(SEED),--seed $(SEED)) \
+		--json out/chaos/report.json --plot out/chaos/timeline.png -- \
+		$(PY) $(CHAOS_TRAIN) --ckpt-dir {ckpt_dir} --steps 400 --save-every-steps 40 \
+		--log-every 1 --no-requeue
 
 test: setup  ## the whole test suite (installs what it needs first)
 	@scripts/run-tests $(PYTEST_ARGS)

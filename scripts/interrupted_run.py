@@ -38,11 +38,36 @@ EXPECTED_AFTER_SIGNAL = {
 @dataclasses.dataclass
 class Interruption:
     """Send ``signal`` once the run has printed progress for ``at_step``; in a run of
-    several ranks, to the ranks in ``ranks`` only (None: every rank)."""
+    several ranks, to the ranks in ``ranks`` only (None: every rank).
+
+    run_once and run_ranks call ``started`` when the processes are up, ``progressed``
+    after each progress line of rank 0 and ``finished`` when they have ended, so other
+    faults (scripts/chaos_bench.py) can subclass it and act on their own triggers."""
 
     at_step: int
     signal: int
     ranks: Sequence[int] | None = None
+
+    def started(self, attempt: "Attempt", processes: list[subprocess.Popen]) -> None:
+        pass
+
+    def progressed(self, attempt: "Attempt", processes: list[subprocess.Popen]) -> None:
+        if attempt.signal_sent_at_step is None and attempt.last_step >= self.at_step:
+            self.send(attempt, processes, self.signal)
+
+    def finished(self, attempt: "Attempt") -> None:
+        pass
+
+    def send(self, attempt: "Attempt", processes: list[subprocess.Popen], signum: int,
+             ranks: Sequence[int] | None = None) -> None:
+        """Send ``signum`` to the chosen ranks that are still running, and record it."""
+        chosen = self.ranks if ranks is None else ranks
+        for rank in range(len(processes)) if chosen is None else chosen:
+            if processes[rank].poll() is None:
+                processes[rank].send_signal(signum)
+        if attempt.signal_sent_at_step is None:
+            attempt.signal_sent_at_step = attempt.last_step
+            attempt.signal_sent_at = time.monotonic()
 
 
 @dataclasses.dataclass
@@ -54,6 +79,7 @@ class Attempt:
     resumed_from: int = 0
     signal_sent_at_step: int | None = None
     last_step: int = 0
+    total_steps: int | None = None  # the M of "step N/M"
     exit_code: int | None = None
     seconds: float = 0.0
     save_seconds: float | None = None
@@ -63,6 +89,9 @@ class Attempt:
     exit_codes: list[int] = dataclasses.field(default_factory=list)  # one per rank
     rank_output: list[list[str]] = dataclasses.field(default_factory=list)  # one per rank
     seconds_after_signal: float | None = None  # until the last process ended
+    signal_sent_at: float | None = None  # time.monotonic() of the first signal
+    started_at: float = 0.0  # time.monotonic() at the start
+    progress_times: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
     @property
     def signal_name(self) -> str:
@@ -78,20 +107,23 @@ def run_once(command: Sequence[str], interruption: Interruption | None = None,
     """Start ``command``, send the interruption's signal when its step is reached, and
     wait for the process to end. Every output line is kept in ``Attempt.output``."""
     attempt = Attempt(command=list(command), interruption=interruption)
-    started = time.monotonic()
-    signal_sent = None
+    started = attempt.started_at = time.monotonic()
     process = _start(command, env)
     try:
+        if interruption is not None:
+            interruption.started(attempt, [process])
         for line in process.stdout:
             attempt.output.append(line.rstrip("\n"))
-            _read_line(attempt, line)
-            signal_sent = _signal_if_due(attempt, [process]) or signal_sent
+            if _read_line(attempt, line) and interruption is not None:
+                interruption.progressed(attempt, [process])
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{command[0]} ran longer than {timeout} s")
         attempt.exit_code = process.wait(timeout=timeout)
     finally:
         _kill_if_running([process])
-    _finish(attempt, [attempt.exit_code], [attempt.output], started, signal_sent)
+        if interruption is not None:
+            interruption.finished(attempt)
+    _finish(attempt, [attempt.exit_code], [attempt.output])
     return attempt
 
 
@@ -110,8 +142,7 @@ def run_ranks(command: Sequence[str], world_size: int,
         assert attempt.exit_codes == [75, 75]
     """
     attempt = Attempt(command=list(command), interruption=interruption)
-    started = time.monotonic()
-    signal_sent = None
+    started = attempt.started_at = time.monotonic()
     lines: queue.Queue = queue.Queue()
     rank_output: list[list[str]] = [attempt.output] + [[] for _ in range(world_size - 1)]
     processes = []
@@ -120,6 +151,8 @@ def run_ranks(command: Sequence[str], world_size: int,
             processes.append(_start(command, rank_env))
             threading.Thread(target=_forward_lines, args=(rank, processes[-1].stdout, lines),
                              daemon=True).start()
+        if interruption is not None:
+            interruption.started(attempt, processes)
         streams_open = world_size
         while streams_open:
             rank, line = lines.get(timeout=max(0.0, started + timeout - time.monotonic()))
@@ -127,16 +160,17 @@ def run_ranks(command: Sequence[str], world_size: int,
                 streams_open -= 1
                 continue
             rank_output[rank].append(line.rstrip("\n"))
-            if rank == 0:
-                _read_line(attempt, line)
-                signal_sent = _signal_if_due(attempt, processes) or signal_sent
+            if rank == 0 and _read_line(attempt, line) and interruption is not None:
+                interruption.progressed(attempt, processes)
         exit_codes = [process.wait(timeout=timeout) for process in processes]
     except queue.Empty:
         raise TimeoutError(f"{command[0]} ran longer than {timeout} s") from None
     finally:
         _kill_if_running(processes)
+        if interruption is not None:
+            interruption.finished(attempt)
     attempt.exit_code = exit_codes[0]
-    _finish(attempt, exit_codes, rank_output, started, signal_sent)
+    _finish(attempt, exit_codes, rank_output)
     return attempt
 
 
@@ -171,19 +205,6 @@ def _forward_lines(rank: int, stream, lines: queue.Queue) -> None:
     lines.put((rank, None))
 
 
-def _signal_if_due(attempt: Attempt, processes: list[subprocess.Popen]) -> float | None:
-    """Send the interruption's signal once its step is reached; return when it was sent."""
-    interruption = attempt.interruption
-    if (interruption is None or attempt.signal_sent_at_step is not None
-            or attempt.last_step < interruption.at_step):
-        return None
-    ranks = range(len(processes)) if interruption.ranks is None else interruption.ranks
-    for rank in ranks:
-        processes[rank].send_signal(interruption.signal)
-    attempt.signal_sent_at_step = attempt.last_step
-    return time.monotonic()
-
-
 def _kill_if_running(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         if process.poll() is None:
@@ -191,24 +212,27 @@ def _kill_if_running(processes: list[subprocess.Popen]) -> None:
             process.wait()
 
 
-def _finish(attempt: Attempt, exit_codes: list[int], rank_output: list[list[str]],
-            started: float, signal_sent: float | None) -> None:
+def _finish(attempt: Attempt, exit_codes: list[int], rank_output: list[list[str]]) -> None:
     ended = time.monotonic()
     attempt.exit_codes, attempt.rank_output = exit_codes, rank_output
-    attempt.seconds = ended - started
-    if signal_sent is not None:
-        attempt.seconds_after_signal = ended - signal_sent
+    attempt.seconds = ended - attempt.started_at
+    if attempt.signal_sent_at is not None:
+        attempt.seconds_after_signal = ended - attempt.signal_sent_at
 
 
-def _read_line(attempt: Attempt, line: str) -> None:
+def _read_line(attempt: Attempt, line: str) -> bool:
+    """Record what the line says; True for a progress line."""
     if match := PROGRESS.search(line):
-        attempt.last_step = int(match[1])
+        attempt.last_step, attempt.total_steps = int(match[1]), int(match[2])
         attempt.losses[attempt.last_step] = float(match[3])
-    elif match := RESUMED.search(line):
+        attempt.progress_times.append((time.monotonic() - attempt.started_at, attempt.last_step))
+        return True
+    if match := RESUMED.search(line):
         attempt.resumed_from = int(match[2])
         attempt.last_step = attempt.resumed_from
     elif match := FINISHED.search(line):
         attempt.save_seconds, attempt.loop_seconds = float(match[1]), float(match[2])
+    return False
 
 
 def run_until_finished(command: Sequence[str], interruptions: Sequence[Interruption] = (),

@@ -41,6 +41,7 @@ Exit codes used by ``exit_after_preemption`` and the deadline (document them in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import hashlib
@@ -388,7 +389,8 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> tuple[str, i
             os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed save must not leave its debris behind
+        with contextlib.suppress(OSError):  # keep the error that made the save fail
+            tmp.unlink(missing_ok=True)  # a failed save must not leave its debris behind
         raise
     fsync_directory(path.parent)
     return writer.sha256.hexdigest(), writer.size

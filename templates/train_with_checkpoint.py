@@ -155,6 +155,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(name)s] %(message)s")
+    # The handler goes in before anything slow (building the model, loading a large
+    # checkpoint): a preemption signal that arrives then only sets the flag, and the
+    # job saves after its first step instead of dying without a requeue.
+    with PreemptionHandler() as preemption:
+        return train(args, preemption)
+
+
+def train(args, preemption: PreemptionHandler) -> int:
+    """Everything from building the model to the last save; returns the exit code."""
     log = logging.getLogger("train")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -193,33 +202,32 @@ def main(argv=None) -> int:
 
     bar = ProgressLine(args.steps, progress.step, args.log_every)
     started = time.monotonic()
-    with PreemptionHandler() as preemption:
-        model.train()
-        while progress.step < args.steps:
-            sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
-            for inputs, targets in loader:
-                loss = train_one_step(model, optimizer, scheduler, scaler, inputs, targets,
-                                      amp=args.amp, pause=args.simulate_step_seconds)
-                # The step is complete: only now may the state be saved.
-                epoch_finished = progress.finish_step(steps_per_epoch)
-                progress.metrics["loss"] = loss
-                bar.update(progress, progress.metrics["loss"])
+    model.train()
+    while progress.step < args.steps:
+        sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+        for inputs, targets in loader:
+            loss = train_one_step(model, optimizer, scheduler, scaler, inputs, targets,
+                                  amp=args.amp, pause=args.simulate_step_seconds)
+            # The step is complete: only now may the state be saved.
+            epoch_finished = progress.finish_step(steps_per_epoch)
+            progress.metrics["loss"] = loss
+            bar.update(progress, progress.metrics["loss"])
 
-                if progress.step >= args.steps:
-                    break  # finished: a late signal changes nothing
-                if preemption.requested:
-                    log.info("received %s at step %d: saving", preemption.signal_name,
-                             progress.step)
-                    with EmergencyDeadline(args.emergency_save_timeout):
-                        save("preempt")
-                    exit_after_preemption(preemption, requeue=args.requeue)
-                kind = schedule.due(step=progress.step, epoch=progress.epoch,
-                                    epoch_finished=epoch_finished)
-                if kind:
-                    save(kind)
-                if epoch_finished:
-                    break  # start the next epoch with a fresh data order
-        save("step")  # the last checkpoint holds the final state
+            if progress.step >= args.steps:
+                break  # finished: a late signal changes nothing
+            if preemption.requested:
+                log.info("received %s at step %d: saving", preemption.signal_name,
+                         progress.step)
+                with EmergencyDeadline(args.emergency_save_timeout):
+                    save("preempt")
+                exit_after_preemption(preemption, requeue=args.requeue)
+            kind = schedule.due(step=progress.step, epoch=progress.epoch,
+                                epoch_finished=epoch_finished)
+            if kind:
+                save(kind)
+            if epoch_finished:
+                break  # start the next epoch with a fresh data order
+    save("step")  # the last checkpoint holds the final state
     elapsed = time.monotonic() - started
     log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
              progress.step, manager.save_count, manager.save_seconds, elapsed,

@@ -44,6 +44,7 @@ Exit codes used by ``exit_after_preemption`` and the deadline (document them in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import hashlib
