@@ -9,7 +9,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup:  ## create .venv with everything the demo and the tests need (re-runnable)
-	@scripts/setup-venv test
+	@scripts/setup-venv test tensorflow
 
 demo: ## train, interrupt with real signals, resume, prove bitwise-identical weights
 	@scripts/setup-venv

@@ -61,7 +61,9 @@ NEEDS_OWN_FILESYSTEM = ("disk-full", "read-only")
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 CORRUPTIONS = ("truncated", "bit-flipped", "emptied", "marker deleted")
 IN_FLIGHT_PREFIX = ".tmp-"  # how the kits name a save that is being written
+IN_FLIGHT_SUFFIX = "_temp"  # how TensorFlow names the folder of a save being written
 EXIT_REQUEUED, EXIT_PREEMPTED = 3, 75
+TF_MARKER = re.compile(r"^ckpt-(\d+)\.json$")
 SAVE_COUNT = re.compile(r"(\d+) checkpoint saves took")
 
 
@@ -166,11 +168,16 @@ class SaveWatcher:
                 if not select.select([self.fd], [], [], 0.05)[0]:
                     continue
                 names = _inotify_names(os.read(self.fd, 65536))
-                if self.armed.is_set() and any(n.startswith(IN_FLIGHT_PREFIX) for n in names):
+                if self.armed.is_set() and any(is_in_flight(n) for n in names):
                     self.on_save()
                     return
         finally:
             os.close(self.fd)
+
+
+def is_in_flight(name: str) -> bool:
+    """A save being written: the kits' ``.tmp-NAME``, or TensorFlow's ``ckpt-N_temp``."""
+    return name.startswith(IN_FLIGHT_PREFIX) or name.endswith(IN_FLIGHT_SUFFIX)
 
 
 def _inotify_names(buffer: bytes) -> list[str]:
@@ -205,8 +212,13 @@ def fill_file_system(folder: Path, leave_bytes: int = 4096) -> bool:
 
 def newest_checkpoint(folder: Path) -> tuple[Path, Path] | None:
     """(data file, completion marker) of the checkpoint a resume would pick first: the
-    target of ``last.pt`` (or of a ``last`` folder link, as the sharded kit writes), or
+    newest TensorFlow checkpoint with a marker, the target of ``last.pt`` (or of a ``last`` folder link, as the sharded kit writes), or
     the newest file. For a folder checkpoint, its largest file and its complete.json."""
+    tf_steps = [int(m[1]) for p in folder.iterdir() if (m := TF_MARKER.match(p.name))]
+    if tf_steps:  # TensorFlow's ckpt-N.index and .data-*, and the kit's marker ckpt-N.json
+        prefix = f"ckpt-{max(tf_steps)}"
+        data = max(folder.glob(f"{prefix}.data-*"), key=lambda p: p.stat().st_size)
+        return data, folder / f"{prefix}.json"
     for pointer in (folder / "last.pt", folder / "last"):
         if pointer.is_symlink() and pointer.exists():
             target = pointer.resolve()
@@ -456,6 +468,9 @@ def final_state_differences(reference: Path, final: Path, how: str) -> list[str]
     if how == "bytes":
         same = reference.read_bytes() == final.read_bytes()
         return [] if same else [f"{final} has other bytes than {reference}"]
+    if how == "tf":  # the folders' newest complete TensorFlow checkpoints
+        from compare_tf_checkpoints import tf_checkpoint_differences
+        return tf_checkpoint_differences(reference, final)
     from compare_checkpoints import checkpoint_differences  # imports torch: only when needed
     return checkpoint_differences(reference, final)
 
@@ -577,8 +592,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start the command as this many torch.distributed ranks")
     p.add_argument("--final", default="last.pt",
                    help="the final checkpoint, in the checkpoint folder (default %(default)s)")
-    p.add_argument("--compare", choices=("torch", "bytes"), default="torch",
-                   help="compare final states as PyTorch checkpoints or byte for byte")
+    p.add_argument("--compare", choices=("torch", "tf", "bytes"), default="torch",
+                   help="compare final states as PyTorch checkpoints, as the newest complete "
+                   "TensorFlow checkpoints of the folders (with --final .), or byte for byte")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one process may run")
     p.add_argument("--max-clean-starts", type=int, default=3,
                    help="starts without a fault allowed after the last fault")

@@ -329,9 +329,11 @@ def train_epoch(run: DDPRun, preemption: PreemptionHandler) -> int | None:
 
 def train(args, ctx: DistributedContext) -> int:
     """Everything from building the model to the last save; returns the exit code."""
-    run = build_run(args, ctx)
-    started = time.monotonic()
+    # The handler goes in before the model is built and a checkpoint loaded, as in the
+    # single-process template: a signal that arrives meanwhile stops the job after step 1.
     with PreemptionHandler() as preemption:
+        run = build_run(args, ctx)
+        started = time.monotonic()
         run.model.train()
         while run.progress.step < args.steps:
             if (code := train_epoch(run, preemption)) is not None:

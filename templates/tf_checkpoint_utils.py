@@ -1,0 +1,488 @@
+"""Checkpointing for TensorFlow and Keras jobs on Slurm: the rules of checkpoint_utils.py,
+for ``tf.train.Checkpoint``. One file; TensorFlow and the standard library only.
+
+What TensorFlow gives you, and what this file adds to it:
+
+* ``tf.train.CheckpointManager`` writes ``ckpt-N.index`` and ``ckpt-N.data-*``, keeps the
+  newest ``max_to_keep`` and, given a ``step_counter`` and a ``checkpoint_interval``, saves
+  only every so many steps. It does not fsync, never checks what it reads back, and
+  ``tf.train.latest_checkpoint()`` trusts a small text file that names the newest
+  checkpoint, complete or not.
+* ``VerifiedCheckpointManager`` wraps it: after TensorFlow has written a checkpoint, it
+  fsyncs the files and writes a completion marker ``ckpt-N.json`` (sha256 and size of every
+  file) atomically, last. A resume takes the newest checkpoint whose files match their
+  marker, moves damaged ones to ``corrupt/`` with a log line, and deletes the debris of a
+  save that was killed.
+* ``keras_rng_variables(model)``: Keras 3 layers that draw random numbers (Dropout, the
+  noise layers) keep their seed in a variable that ``tf.train.Checkpoint(model=model)``
+  does **not** save. Put these variables in the checkpoint yourself, or a resumed run
+  draws other dropout masks than the run it continues.
+* The preemption flag, the emergency deadline, the safe ``scontrol requeue`` and the exit
+  codes (0 finished, 3 requeued, 75 saved but not requeued, 4 save deadline passed) are
+  those of the PyTorch kit, copied below (see the shared-code block).
+
+Folder layout::
+
+    ckpt-400.index  ckpt-400.data-00000-of-00001   TensorFlow's files of step 400
+    ckpt-400.json   completion marker: step, files with sha256 and size, versions
+    checkpoint      TensorFlow's pointer file (this kit does not trust it)
+    corrupt/        damaged checkpoints, moved aside
+"""
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+log = logging.getLogger("checkpoint")
+
+PREFIX = "ckpt"  # TensorFlow's file names: ckpt-400.index, ckpt-400.data-00000-of-00001
+MARKER_SUFFIX = ".json"
+CORRUPT_DIR = "corrupt"
+_MARKER_PATTERN = re.compile(rf"^{PREFIX}-(\d+){re.escape(MARKER_SUFFIX)}$")
+_CHECKPOINT_FILE = re.compile(rf"^{PREFIX}-(\d+)\.(index|data-\d+-of-\d+)$")
+
+
+def keras_rng_variables(model) -> list[tf.Variable]:
+    """The seed-state variables of a Keras 3 model's random layers (Dropout, GaussianNoise,
+    ...), which ``tf.train.Checkpoint(model=model)`` leaves out. Add them to the checkpoint:
+    ``tf.train.Checkpoint(model=model, keras_rng=keras_rng_variables(model), ...)``."""
+    return [v.value for v in model.variables if "seed_generator_state" in v.path]
+
+
+def checkpoint_files(prefix: str | Path) -> list[Path]:
+    """The files TensorFlow wrote for the checkpoint ``prefix`` (index and data shards)."""
+    prefix = Path(prefix)
+    return sorted(p for p in prefix.parent.glob(f"{prefix.name}.*")
+                  if _CHECKPOINT_FILE.match(p.name))
+
+
+def _file_digest(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())  # TensorFlow does not: make its bytes durable before the marker
+    return digest.hexdigest(), size
+
+
+def verify_tf_checkpoint(marker: Path) -> dict:
+    """Read a completion marker and check every file it lists. Returns the marker's
+    content; raises ``CorruptCheckpointError`` saying what is wrong."""
+    try:
+        meta = json.loads(marker.read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CorruptCheckpointError(f"{marker.name}: unreadable marker ({error})") from None
+    for name, expected in files.items():
+        path = marker.parent / name
+        if not path.exists():
+            raise CorruptCheckpointError(f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CorruptCheckpointError(
+                f"{name}: {size} bytes on disk, the marker says {expected['size']} (truncated?)")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != expected["sha256"]:
+            raise CorruptCheckpointError(f"{name}: sha256 does not match the marker")
+    return meta
+
+
+class VerifiedCheckpointManager:
+    """``tf.train.CheckpointManager`` plus completion markers and a verified resume.
+
+    Example::
+
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+        manager = VerifiedCheckpointManager(checkpoint, "checkpoints", max_to_keep=3,
+                                            step_counter=step, checkpoint_interval=100)
+        manager.restore_latest()           # the newest valid checkpoint, or nothing
+        ...
+        manager.save(int(step), force=False)   # only every checkpoint_interval steps
+    """
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, *,
+                 max_to_keep: int = 3, step_counter: tf.Variable | None = None,
+                 checkpoint_interval: int | None = None):
+        self.checkpoint = checkpoint
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.remove_unfinished_saves()
+        self.manager = tf.train.CheckpointManager(
+            checkpoint, str(self.directory), max_to_keep=max_to_keep,
+            checkpoint_name=PREFIX, step_counter=step_counter,
+            checkpoint_interval=checkpoint_interval)
+        self.save_count, self.save_seconds = 0, 0.0
+
+    def marker_path(self, step: int) -> Path:
+        return self.directory / f"{PREFIX}-{step}{MARKER_SUFFIX}"
+
+    def save(self, step: int, *, force: bool = True) -> Path | None:
+        """Save the checkpoint of ``step``: TensorFlow's files, fsynced, then the marker.
+        With ``force=False`` only when ``checkpoint_interval`` steps have passed since the
+        last save. Returns the marker's path, or None when nothing was due."""
+        started = time.monotonic()
+        prefix = self.manager.save(checkpoint_number=step, check_interval=not force)
+        if prefix is None:
+            return None
+        files = {}
+        for path in checkpoint_files(prefix):
+            digest, size = _file_digest(path)
+            files[path.name] = {"sha256": digest, "size": size}
+        fsync_directory(self.directory)
+        marker = self.marker_path(step)
+        atomic_write_json(marker, {
+            "step": step, "files": files, "format": 1,
+            "versions": {"python": platform.python_version(), "tensorflow": tf.__version__}})
+        self._remove_orphan_markers()  # TensorFlow's rotation deleted older checkpoints
+        self.save_count += 1
+        self.save_seconds += time.monotonic() - started
+        return marker
+
+    def valid_steps(self) -> list[int]:
+        """Steps of the checkpoints that have a marker, newest first (not yet verified)."""
+        steps = [int(m[1]) for p in self.directory.iterdir()
+                 if (m := _MARKER_PATTERN.match(p.name))]
+        return sorted(steps, reverse=True)
+
+    def restore_latest(self) -> int | None:
+        """Restore the newest checkpoint whose files match their marker; return its step,
+        or None (nothing restored) when there is none. Damaged checkpoints are moved to
+        ``corrupt/`` with a warning. Build the optimizer before calling this
+        (``optimizer.build(model.trainable_variables)``): Keras creates its slots lazily,
+        and a restore into slots that do not exist yet would silently drop them."""
+        for step in self.valid_steps():
+            prefix = self.directory / f"{PREFIX}-{step}"
+            try:
+                verify_tf_checkpoint(self.marker_path(step))
+            except CorruptCheckpointError as error:
+                log.warning("skipping %s: %s", prefix.name, error)
+                self.quarantine(step)
+                continue
+            try:
+                self.checkpoint.restore(str(prefix)).assert_consumed()
+            except AssertionError as error:  # the file is fine; the objects do not match it
+                raise CheckpointError(
+                    f"{prefix.name} does not fit the objects being restored: {error}. Did the "
+                    "model change? Is the optimizer built "
+                    "(optimizer.build(model.trainable_variables)) before the restore?"
+                ) from None
+            log.info("resumed from %s (step %d)", prefix.name, step)
+            return step
+        log.info("no checkpoint in %s: starting fresh", self.directory)
+        return None
+
+    def quarantine(self, step: int) -> None:
+        """Move a damaged checkpoint's files and marker to ``corrupt/``."""
+        target = self.directory / CORRUPT_DIR
+        target.mkdir(exist_ok=True)
+        for path in [*checkpoint_files(self.directory / f"{PREFIX}-{step}"),
+                     self.marker_path(step)]:
+            if path.exists():
+                os.replace(path, target / path.name)
+
+    def remove_unfinished_saves(self) -> None:
+        """Delete what a killed save left: TensorFlow's ``ckpt-N_temp`` folders, this
+        kit's temp files, and checkpoint files that never got their marker."""
+        for path in self.directory.iterdir():
+            if path.name.startswith(TEMP_PREFIX) or path.name.endswith("_temp"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            elif (m := _CHECKPOINT_FILE.match(path.name)) and \
+                    not self.marker_path(int(m[1])).exists():
+                log.info("removing %s: its save did not finish", path.name)
+                path.unlink()
+
+    def _remove_orphan_markers(self) -> None:
+        for step in self.valid_steps():
+            if not checkpoint_files(self.directory / f"{PREFIX}-{step}"):
+                self.marker_path(step).unlink(missing_ok=True)
+
+
+# ----- BEGIN shared code: copied from checkpoint_utils.py by scripts/sync_shared_code.py.
+# ----- Change it there, not here.
+TEMP_PREFIX = ".tmp-"
+EXIT_FINISHED = 0
+EXIT_REQUEUED = 3
+EXIT_SAVE_TIMEOUT = 4
+EXIT_PREEMPTED = 75
+
+
+class CheckpointError(Exception):
+    """Base class of every error this module raises on purpose."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint is incomplete or its bytes do not match its completion marker."""
+
+
+class InvalidJobIdError(CheckpointError, ValueError):
+    """A Slurm job id is not of the form 123 or 123_4 and will not be passed on."""
+
+
+class _HashingWriter:
+    """A file wrapper that hashes the bytes on their way to disk, so the checksum costs
+    no second read of the file."""
+
+    def __init__(self, file):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable. Some network file systems refuse
+    fsync on a directory; there the rename is as durable as the file system makes it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_path(final: Path) -> Path:
+    return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> tuple[str, int]:
+    """Write a file so that ``path`` holds either its old content or the complete new one,
+    never a part: write to a temp file in the same folder, flush, fsync, rename over
+    ``path``, fsync the folder. Returns the sha256 (hex) and size of the bytes written.
+
+    Example::
+
+        digest, size = atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))
+    """
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as raw:
+            writer = _HashingWriter(raw)
+            write(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # keep the error that made the save fail
+            tmp.unlink(missing_ok=True)  # a failed save must not leave its debris behind
+        raise
+    fsync_directory(path.parent)
+    return writer.sha256.hexdigest(), writer.size
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write a small JSON file atomically (see ``atomic_write_bytes``)."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class PreemptionHandler:
+    """Turns preemption signals into a flag that the training loop checks at the end of
+    each step.
+
+    The handler does nothing but set the flag. Saving inside a signal handler is the
+    classic mistake: the signal can land in the middle of an optimizer step (the state is
+    half updated) or in the middle of a save or a print (Python then fails with a
+    reentrant-call error). Use it as a context manager to put the previous handlers back.
+
+    Example::
+
+        with PreemptionHandler() as preemption:
+            for batch in loader:
+                train_step(batch)
+                if preemption.requested:
+                    manager.save(state, ...)
+                    exit_after_preemption(preemption)
+    """
+
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+
+    def install(self) -> "PreemptionHandler":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def ignore_further_signals(self) -> None:
+        """Ignore this handler's signals for the rest of the process (used on the way out)."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
+    __enter__ = install
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+class EmergencyDeadline:
+    """Ends the process if the block takes longer than ``seconds``: an emergency save
+    that hangs (a stuck file system) must not eat the time Slurm leaves before SIGKILL.
+
+    A Python timer thread prints a clear message and exits with ``EXIT_SAVE_TIMEOUT``.
+    If the interpreter itself is stuck (a C call holding the GIL), faulthandler's C-level
+    watchdog dumps the stack and exits a few seconds later. The previous complete
+    checkpoint stays valid either way: the unfinished one has no completion marker.
+
+    Example::
+
+        with EmergencyDeadline(60):
+            manager.save(state, step=step, epoch=epoch, kind="preempt")
+    """
+
+    def __init__(self, seconds: float, backstop_seconds: float = 5.0):
+        self.seconds = seconds
+        self.backstop_seconds = backstop_seconds
+        self._timer: threading.Timer | None = None
+
+    def _expire(self) -> None:
+        sys.stderr.write(f"checkpoint: emergency save did not finish within "
+                         f"{self.seconds:g} s; exiting with code {EXIT_SAVE_TIMEOUT}. The "
+                         "previous complete checkpoint is still valid.\n")
+        sys.stderr.flush()
+        os._exit(EXIT_SAVE_TIMEOUT)
+
+    def __enter__(self) -> "EmergencyDeadline":
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        faulthandler.dump_traceback_later(self.seconds + self.backstop_seconds, exit=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+
+
+def slurm_job_id(environ: dict | None = None) -> str | None:
+    """The id to requeue this job by: ``ARRAYJOB_TASK`` for a job array task (so only this
+    task is requeued), else ``SLURM_JOB_ID``; None outside Slurm. Raises
+    ``InvalidJobIdError`` for anything that is not digits (never passed to a command)."""
+    env = os.environ if environ is None else environ
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        job_id = f"{array_job}_{array_task}"
+    else:
+        job_id = env.get("SLURM_JOB_ID")
+    if job_id is None:
+        return None
+    if not _JOB_ID.fullmatch(job_id):  # fullmatch: "$" would accept a trailing newline
+        raise InvalidJobIdError(f"refusing to requeue job id {job_id!r}: a Slurm job id is "
+                                "digits, or digits_digits for an array task")
+    return job_id
+
+
+def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
+                      timeout: float = 30.0) -> bool:
+    """Ask Slurm to requeue this job with ``scontrol requeue <id>``. Returns True when
+    Slurm accepted; False, with a log line that says why, when not in a Slurm job, when
+    ``scontrol`` is not on PATH (inside a container, say) or when Slurm refused.
+
+    The command is run with an argument list, never through a shell, and the id is
+    validated first.
+
+    Example::
+
+        if not requeue_slurm_job():
+            sys.exit(EXIT_PREEMPTED)   # let the batch script requeue
+    """
+    job_id = slurm_job_id(environ)
+    if job_id is None:
+        log.warning("not running under Slurm (no SLURM_JOB_ID): not requeueing")
+        return False
+    executable = shutil.which(scontrol)
+    if executable is None:
+        log.warning("cannot requeue job %s: %r is not on PATH (inside a container?); "
+                    "exiting with code %d so that the batch script can requeue",
+                    job_id, scontrol, EXIT_PREEMPTED)
+        return False
+    try:
+        result = subprocess.run([executable, "requeue", job_id], capture_output=True,
+                                text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        log.warning("scontrol requeue %s did not answer within %g s", job_id, timeout)
+        return False
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode,
+                    (result.stderr or result.stdout).strip())
+        return False
+    log.info("requeued Slurm job %s", job_id)
+    return True
+
+
+def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
+    """Exit after the emergency checkpoint was saved: requeue the Slurm job and exit with
+    ``EXIT_REQUEUED``, or exit with ``EXIT_PREEMPTED`` when requeueing is off or failed.
+
+    Example::
+
+        if preemption.requested:
+            manager.save(state, step=step, epoch=epoch, kind="preempt")
+            exit_after_preemption(preemption)
+    """
+    log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
+    # A requeue makes Slurm send SIGTERM to every process of the job at once, and the batch
+    # shell may forward more. We are leaving: a late signal must not turn a clean exit into
+    # a kill (exit code 143), so ignore them from now on, also after the handler's `with`.
+    handler.ignore_further_signals()
+    if requeue:
+        try:
+            if requeue_slurm_job():
+                sys.exit(EXIT_REQUEUED)
+        except InvalidJobIdError as error:  # the checkpoint is saved; report, stop cleanly
+            log.error("%s", error)
+    sys.exit(EXIT_PREEMPTED)
+# ----- END shared code

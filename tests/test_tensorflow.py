@@ -1,0 +1,181 @@
+"""The TensorFlow track: templates/tf_checkpoint_utils.py and templates/train_tf.py.
+
+"Identical" here means bitwise: every tensor of the final checkpoint (weights, optimizer
+slots and iterations, the step, the augmentation generator and Keras's dropout seeds) has
+the same bytes as in a run that was never interrupted. That holds on the CPU with
+``tf.config.experimental.enable_op_determinism()``, which the template turns on."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import chaos_bench  # noqa: E402
+import tf_checkpoint_utils as kit  # noqa: E402
+from conftest import TEMPLATES  # noqa: E402
+
+pytestmark = pytest.mark.tensorflow
+
+
+# ----------------------------------------------------------------------------- fixtures
+def small_model(seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def train_steps(model, optimizer, count: int) -> None:
+    inputs = tf.reshape(tf.range(32 * 8, dtype=tf.float32), (32, 8)) / 100.0
+    labels = tf.cast(tf.range(32) % 2, tf.int64)
+    for _ in range(count):
+        with tf.GradientTape() as tape:
+            logits = model(inputs, training=True)  # dropout draws from the seed state
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+
+def weights_bytes(model) -> list[bytes]:
+    return [v.numpy().tobytes() for v in model.trainable_variables]
+
+
+def resumed_weights(tmp_path, with_keras_rng: bool) -> tuple[list[bytes], list[bytes]]:
+    """Train 4 steps, save, train 4 more (the uninterrupted run); then restore into fresh
+    objects and train the same 4 steps again (the resumed run)."""
+    def objects():
+        model, optimizer = small_model()
+        extra = {"keras_rng": kit.keras_rng_variables(model)} if with_keras_rng else {}
+        return model, optimizer, tf.train.Checkpoint(model=model, optimizer=optimizer, **extra)
+
+    model, optimizer, checkpoint = objects()
+    train_steps(model, optimizer, 4)
+    prefix = checkpoint.save(str(tmp_path / f"rng-{with_keras_rng}"))
+    train_steps(model, optimizer, 4)
+    uninterrupted = weights_bytes(model)
+
+    model, optimizer, checkpoint = objects()
+    checkpoint.restore(prefix).assert_consumed()
+    train_steps(model, optimizer, 4)
+    return uninterrupted, weights_bytes(model)
+
+
+def saved_manager(folder, steps=(10, 20)):
+    model, optimizer = small_model()
+    step = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    manager = kit.VerifiedCheckpointManager(checkpoint, folder, max_to_keep=5)
+    for value in steps:
+        step.assign(value)
+        manager.save(value)
+    return manager, step
+
+
+# ----------------------------------------------------------------------------- RNG pitfall
+def test_keras_dropout_seed_is_not_saved_with_the_model(tmp_path):
+    """The pitfall: tf.train.Checkpoint(model=model) leaves Keras's dropout seed out, so the
+    resumed run draws other masks and ends with other weights."""
+    uninterrupted, resumed = resumed_weights(tmp_path, with_keras_rng=False)
+    assert uninterrupted != resumed
+
+
+def test_keras_rng_variables_make_the_resume_bitwise_identical(tmp_path):
+    uninterrupted, resumed = resumed_weights(tmp_path, with_keras_rng=True)
+    assert uninterrupted == resumed
+
+
+# ----------------------------------------------------------------------------- integrity
+def test_save_writes_a_marker_with_every_files_checksum(tmp_path):
+    manager, _ = saved_manager(tmp_path, steps=(10,))
+    marker = json.loads((tmp_path / "ckpt-10.json").read_text())
+    assert marker["step"] == 10
+    assert set(marker["files"]) == {p.name for p in kit.checkpoint_files(tmp_path / "ckpt-10")}
+    assert any(name.endswith(".index") for name in marker["files"])
+    assert any(".data-" in name for name in marker["files"])
+
+
+@pytest.mark.parametrize("damage", ["truncate data", "truncate index", "flip a bit",
+                                    "delete marker"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, caplog):
+    manager, step = saved_manager(tmp_path)
+    data = next(tmp_path.glob("ckpt-20.data-*"))
+    index = tmp_path / "ckpt-20.index"
+    if damage == "truncate data":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif damage == "truncate index":
+        index.write_bytes(index.read_bytes()[:10])
+    elif damage == "flip a bit":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        data.write_bytes(bytes(raw))
+    else:
+        (tmp_path / "ckpt-20.json").unlink()
+    step.assign(0)
+    with caplog.at_level(logging.INFO, logger="checkpoint"):
+        fresh = kit.VerifiedCheckpointManager(manager.checkpoint, tmp_path, max_to_keep=5)
+        assert fresh.restore_latest() == 10
+    assert int(step) == 10
+    assert "resumed from ckpt-10" in caplog.text
+    if damage == "delete marker":  # a save that never finished: its files are removed
+        assert not list(tmp_path.glob("ckpt-20.*"))
+    else:
+        assert "skipping ckpt-20" in caplog.text
+        assert (tmp_path / "corrupt" / "ckpt-20.json").exists()
+
+
+def test_debris_of_a_killed_save_is_removed_at_start(tmp_path):
+    saved_manager(tmp_path, steps=(10,))
+    (tmp_path / "ckpt-20_temp").mkdir()
+    (tmp_path / "ckpt-20_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+    (tmp_path / ".tmp-ckpt-20.json.123").write_text("{")
+    shutil.copy(tmp_path / "ckpt-10.index", tmp_path / "ckpt-20.index")  # no marker
+    manager, step = saved_manager(tmp_path / "other", steps=())
+    kit.VerifiedCheckpointManager(manager.checkpoint, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if "20" in p.name) == []
+
+
+def test_unbuilt_optimizer_gets_a_clear_error(tmp_path):
+    saved_manager(tmp_path, steps=(10,))
+    model, _ = small_model()
+    optimizer = keras.optimizers.Adam(0.01)  # not built: no slots to restore into
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     step=tf.Variable(0, dtype=tf.int64))
+    with pytest.raises(kit.CheckpointError, match=r"optimizer\.build"):
+        kit.VerifiedCheckpointManager(checkpoint, tmp_path).restore_latest()
+
+
+def test_rotation_keeps_the_newest_and_their_markers(tmp_path):
+    manager, _ = saved_manager(tmp_path, steps=())
+    manager.manager._max_to_keep = 2
+    for value in (10, 20, 30, 40):
+        manager.save(value)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["ckpt-30.json", "ckpt-40.json"]
+    assert manager.valid_steps() == [40, 30]
+
+
+# ----------------------------------------------------------------------------- real runs
+@pytest.mark.integration
+@pytest.mark.chaos
+def test_tf_template_survives_kills_signals_and_damage_bitwise(tmp_path, capsys, python_exe):
+    kinds = ("kill", "kill-in-save", "signal", "signal-at-start", "corrupt")
+    report = tmp_path / "report.json"
+    code = chaos_bench.main([
+        "--faults", str(len(kinds)), "--faults-per-run", str(len(kinds)), "--kinds",
+        ",".join(kinds), "--compare", "tf", "--final", ".", "--timeout", "90",
+        "--json", str(report), "--",
+        python_exe, str(TEMPLATES / "train_tf.py"), "--ckpt-dir", "{ckpt_dir}", "--steps",
+        "160", "--save-every-steps", "30", "--log-every", "1", "--no-requeue"])
+    printed = capsys.readouterr().out
+    summary = json.loads(report.read_text())["summary"]
+    assert code == 0 and summary["mismatches"] == 0 and summary["problems"] == 0, printed
+    assert summary["faults_landed"] == len(kinds), printed
