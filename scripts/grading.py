@@ -17,15 +17,17 @@ learner's file, so that a mistake in one task never costs the points of another.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import shutil
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pytest
 
@@ -33,6 +35,36 @@ from make_starters import _find_function, load_exercise
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
+
+
+def content_key(*parts: Path | str) -> str:
+    """A short hash of files (name and bytes) and strings: equal keys, equal inputs."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.name.encode() + part.read_bytes() if isinstance(part, Path) else part.encode()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()[:20]
+
+
+def reference_run_folder(key: str, produce: Callable[[Path], None]) -> Path:
+    """The folder that ``produce(folder)`` fills with a run of the *reference* kit. Made
+    once per key when GRADER_CACHE_DIR is set (tests/test_exercises.py sets it, since it
+    grades one exercise many times); without it, a new folder for this grading."""
+    cache = os.environ.get("GRADER_CACHE_DIR")
+    if not cache:
+        folder = Path(tempfile.mkdtemp(prefix="reference-"))
+        produce(folder)
+        return folder
+    final = Path(cache) / f"reference-{key}"
+    if not final.exists():
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".making-", dir=cache))
+        produce(folder)  # raises when the reference run fails: nothing is cached then
+        try:
+            folder.rename(final)
+        except OSError:  # another grading made it meanwhile: theirs is as good
+            shutil.rmtree(folder, ignore_errors=True)
+    return final
 
 
 def pytest_addoption(parser):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -19,6 +20,15 @@ EXERCISES = all_exercises()
 MUTANTS = [pytest.param(ex, m, id=f"{ex['folder'].name.split('-')[0]}: {m['name']}")
            for ex in EXERCISES if (ex["folder"] / "mutants.toml").exists()
            for m in tomllib.loads((ex["folder"] / "mutants.toml").read_text())["mutant"]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_reference_runs(tmp_path_factory):
+    """One folder for the graders' runs of the reference kits, so that grading an exercise
+    many times (reference, starter, every mutant) runs each reference once."""
+    os.environ["GRADER_CACHE_DIR"] = str(tmp_path_factory.mktemp("grader-cache"))
+    yield
+    del os.environ["GRADER_CACHE_DIR"]
 
 
 def exercise_id(exercise: dict) -> str:

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from compare_checkpoints import checkpoint_differences
-from grading import TEMPLATES, write_hybrid_kit
+from grading import TEMPLATES, content_key, reference_run_folder, write_hybrid_kit
 from interrupted_run import free_port
 from make_starters import load_exercise
 
@@ -262,32 +262,41 @@ def fail_run(what: str, run: Launch, expected: str) -> None:
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory) -> Path:
+def uninterrupted() -> Path:
     """The final checkpoint of the reference, never interrupted."""
-    folder = tmp_path_factory.mktemp("reference")
-    kit = folder / "kit"
-    kit.mkdir()
-    for name in ["train_ddp.py", *os.environ.get("GRADE_WITH", "").split()]:
-        shutil.copy(TEMPLATES / name, kit / name)
-    (kit / "grader_probe.py").write_text(PROBE)
-    run = launch(kit, folder / "checkpoints", folder / "record")
-    assert run.exit_codes == [0] * WORLD_SIZE, f"grader: the reference run failed: {run.tail()}"
-    return folder / "checkpoints" / "last.pt"
+    sources = [TEMPLATES / name for name in
+               ["train_ddp.py", *os.environ.get("GRADE_WITH", "").split()]]
+
+    def run_reference(folder: Path) -> None:
+        kit = folder / "kit"
+        kit.mkdir()
+        for source in sources:
+            shutil.copy(source, kit / source.name)
+        (kit / "grader_probe.py").write_text(PROBE)
+        run = launch(kit, folder / "checkpoints", folder / "record")
+        assert run.exit_codes == [0] * WORLD_SIZE, \
+            f"grader: the reference run failed: {run.tail()}"
+
+    key = content_key(*sources, Path(__file__))  # this file: the run's settings and probe
+    return reference_run_folder(key, run_reference) / "checkpoints" / "last.pt"
 
 
-_scenarios: dict[int, Scenario] = {}
+_scenarios: dict[str, Scenario] = {}
 
 
 @pytest.fixture
 def scenario(request, tmp_path_factory) -> Scenario:
-    """This task's kit, interrupted and resumed (once per task, shared by its checks)."""
+    """This task's kit, interrupted and resumed, shared by the task's checks. Tasks whose
+    kits have the same content (the reference's, for one) share one run."""
     number = request.node.get_closest_marker("task").args[0]
-    if number not in _scenarios:
-        folder = tmp_path_factory.mktemp(f"task{number}")
-        kit = write_hybrid_kit(folder / "kit", TASKS[number]["functions"]).parent
-        (kit / "grader_probe.py").write_text(PROBE)
-        _scenarios[number] = run_scenario(kit, folder, corrupt_newest=number == 3)
-    return _scenarios[number]
+    folder = tmp_path_factory.mktemp(f"task{number}")
+    kit = write_hybrid_kit(folder / "kit", TASKS[number]["functions"]).parent
+    (kit / "grader_probe.py").write_text(PROBE)
+    corrupt_newest = number == 3
+    key = content_key(*sorted(kit.glob("*.py")), str(corrupt_newest))
+    if key not in _scenarios:
+        _scenarios[key] = run_scenario(kit, folder, corrupt_newest=corrupt_newest)
+    return _scenarios[key]
 
 
 def stopped_and_resumed(run: Scenario) -> Launch:
