@@ -471,6 +471,9 @@ def final_state_differences(reference: Path, final: Path, how: str) -> list[str]
     if how == "tf":  # the folders' newest complete TensorFlow checkpoints
         from compare_tf_checkpoints import tf_checkpoint_differences
         return tf_checkpoint_differences(reference, final)
+    if how == "keras":  # two .weights.h5 files
+        from compare_tf_checkpoints import keras_weights_differences
+        return keras_weights_differences(reference, final)
     from compare_checkpoints import checkpoint_differences  # imports torch: only when needed
     return checkpoint_differences(reference, final)
 
@@ -592,9 +595,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start the command as this many torch.distributed ranks")
     p.add_argument("--final", default="last.pt",
                    help="the final checkpoint, in the checkpoint folder (default %(default)s)")
-    p.add_argument("--compare", choices=("torch", "tf", "bytes"), default="torch",
+    p.add_argument("--compare", choices=("torch", "tf", "keras", "bytes"), default="torch",
                    help="compare final states as PyTorch checkpoints, as the newest complete "
-                   "TensorFlow checkpoints of the folders (with --final .), or byte for byte")
+                   "TensorFlow checkpoints of the folders (with --final .), as Keras "
+                   ".weights.h5 files, or byte for byte")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one process may run")
     p.add_argument("--max-clean-starts", type=int, default=3,
                    help="starts without a fault allowed after the last fault")

@@ -56,6 +56,22 @@ def tf_checkpoint_differences(folder_a: str | Path, folder_b: str | Path) -> lis
     return differences
 
 
+def keras_weights_differences(file_a: str | Path, file_b: str | Path) -> list[str]:
+    """Compare two Keras ``.weights.h5`` files (weights and optimizer variables) bitwise."""
+    import h5py  # installed with Keras
+
+    def arrays(path) -> dict[str, bytes]:
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, item: found.__setitem__(name, item[()].tobytes())
+                         if isinstance(item, h5py.Dataset) else None)
+        return found
+
+    a, b = arrays(file_a), arrays(file_b)
+    return ([f"{name}: only in one file" for name in sorted(set(a) ^ set(b))]
+            + [f"{name}: values differ" for name in sorted(set(a) & set(b)) if a[name] != b[name]])
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import keras  # Keras 3, installed with TensorFlow 2.16 and later
 import tensorflow as tf
 
 log = logging.getLogger("checkpoint")
@@ -212,6 +213,97 @@ class VerifiedCheckpointManager:
         for step in self.valid_steps():
             if not checkpoint_files(self.directory / f"{PREFIX}-{step}"):
                 self.marker_path(step).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- Keras fit
+# model.fit users resume with keras.callbacks.BackupAndRestore. What it does, read from
+# Keras 3.15: at each epoch end (or every save_freq batches) it writes the weights and the
+# optimizer to latest.weights.h5 and {"epoch": ...} to training_metadata.json; at the start
+# of fit it loads them and makes fit start at that epoch. What to know about it:
+#   * it resumes at an epoch boundary only: stop at an epoch end (StopAtEpochEndOnPreemption
+#     below), or the partial epoch is trained twice; an epoch must fit in the warning time;
+#   * delete_checkpoint=True (the default) deletes the backup when fit returns, and fit
+#     also returns when a callback stopped it for a preemption: pass delete_checkpoint=False;
+#   * double_checkpoint=True keeps the previous backup for when a kill damaged the newest;
+#   * neither the data order nor Dropout's seed is in the backup: make both a function of
+#     the epoch number (EpochSeeds, epoch_batches below), and a resume is the same run;
+#   * fit leaves model._initial_epoch set after a resume, so a second fit() in the same
+#     process would start at that epoch too (ForgetResumedEpoch resets it).
+
+def backup_epoch(backup_dir: str | Path) -> int:
+    """The epoch a BackupAndRestore in ``backup_dir`` resumes at (0 when there is none).
+    Read it after BackupAndRestore has loaded (in a later callback's on_train_begin): if
+    the newest backup was damaged it has put the previous one in its place by then."""
+    try:
+        return int(json.loads((Path(backup_dir) / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def epoch_batches(dataset: tf.data.Dataset, *, seed: int, batch_size: int, epochs: int,
+                  first_epoch: tf.Variable) -> tuple[tf.data.Dataset, int]:
+    """The batches of epochs ``first_epoch`` .. ``epochs - 1``, each epoch one pass over
+    ``dataset`` shuffled in an order that depends only on (seed, epoch), and the number of
+    batches per epoch. ``first_epoch`` is read when fit starts to iterate, so set it in
+    on_train_begin (EpochSeeds does), and pass the batches per epoch to fit as
+    ``steps_per_epoch``: Keras then keeps one iterator across epochs."""
+    size = int(dataset.cardinality())
+    per_epoch = [dataset.shuffle(size, seed=seed * 1_000_003 + epoch)
+                 .batch(batch_size, drop_remainder=True) for epoch in range(epochs)]
+    # Which epoch's pipeline gives the next batch: the epochs from first_epoch on, each
+    # for all its batches. The pipelines of the epochs before are never read.
+    which = (tf.data.Dataset.range(epochs)
+             .filter(lambda epoch: epoch >= first_epoch)
+             .flat_map(lambda epoch: tf.data.Dataset.from_tensors(epoch)
+                       .repeat(size // batch_size)))
+    return tf.data.Dataset.choose_from_datasets(per_epoch, which), size // batch_size
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """Makes everything random in model.fit a function of the epoch number: the first epoch
+    of the data pipeline (``first_epoch``, from the backup) and, at each epoch start, the
+    seed state of every random layer (Dropout ...). Put it after BackupAndRestore."""
+
+    def __init__(self, seed: int, backup_dir: str | Path, first_epoch: tf.Variable):
+        super().__init__()
+        self.seed, self.backup_dir, self.first_epoch = seed, backup_dir, first_epoch
+
+    def on_train_begin(self, logs=None):
+        self.first_epoch.assign(backup_epoch(self.backup_dir))
+        if int(self.first_epoch):
+            log.info("resumed from %s (step %d, epoch %d)", self.backup_dir,
+                     int(self.model.optimizer.iterations), int(self.first_epoch))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for i, state in enumerate(keras_rng_variables(self.model)):
+            state.assign(tf.constant([self.seed * 7919 + i, epoch * 1_000_003],
+                                     dtype=state.dtype))
+
+
+class StopAtEpochEndOnPreemption(keras.callbacks.Callback):
+    """Stops fit at the end of the epoch in which a preemption signal arrived, after
+    BackupAndRestore (put it after that one in the callbacks list) has saved the epoch.
+    Stopping mid-epoch would be worse: Keras still calls on_epoch_end, and the backup would
+    record the partial epoch as complete."""
+
+    def __init__(self, handler: "PreemptionHandler"):
+        super().__init__()
+        self.handler = handler
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.handler.requested:
+            log.info("received %s during epoch %d: stopping after its backup",
+                     self.handler.signal_name, epoch)
+            self.model.stop_training = True
+
+
+class ForgetResumedEpoch(keras.callbacks.Callback):
+    """Resets the epoch that BackupAndRestore made fit start at, when fit ends: Keras keeps
+    it on the model (``model._initial_epoch``) and a second fit() in the same process
+    would otherwise skip its first epochs."""
+
+    def on_train_end(self, logs=None):
+        self.model._initial_epoch = None
 
 
 # ----- BEGIN shared code: copied from checkpoint_utils.py by scripts/sync_shared_code.py.

@@ -179,3 +179,85 @@ def test_tf_template_survives_kills_signals_and_damage_bitwise(tmp_path, capsys,
     summary = json.loads(report.read_text())["summary"]
     assert code == 0 and summary["mismatches"] == 0 and summary["problems"] == 0, printed
     assert summary["faults_landed"] == len(kinds), printed
+
+
+# ----------------------------------------------------------------------------- Keras fit
+def fit_model(seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def fit_data():
+    inputs = tf.random.stateless_normal((64, 8), seed=(1, 2))
+    return tf.data.Dataset.from_tensor_slices((inputs, tf.zeros(64, tf.int64))).batch(16)
+
+
+class StopAfter(keras.callbacks.Callback):
+    """A preemption that arrives after ``batches`` batches of the first epoch."""
+
+    def __init__(self, batches: int, at_epoch_end: bool):
+        super().__init__()
+        self.batches, self.at_epoch_end = batches, at_epoch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.batches and not self.at_epoch_end:
+            self.model.stop_training = True  # the naive way: stop right now
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.at_epoch_end:
+            self.model.stop_training = True
+
+
+def test_default_backup_and_restore_deletes_the_backup_when_a_preemption_stops_fit(tmp_path):
+    naive, kept = tmp_path / "naive", tmp_path / "kept"
+    fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(naive)), StopAfter(4, at_epoch_end=True)])
+    assert not naive.exists(), "Keras changed: BackupAndRestore kept its backup"
+    fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(kept), delete_checkpoint=False),
+        StopAfter(4, at_epoch_end=True)])
+    assert kit.backup_epoch(kept) == 1
+
+
+def test_stopping_mid_epoch_records_the_partial_epoch_as_complete(tmp_path):
+    """Stopped after 1 of 4 batches, the backup says epoch 0 is done: the resumed run would
+    skip 3 batches. The kit stops at the epoch end instead."""
+    fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
+        StopAfter(1, at_epoch_end=False)])
+    assert kit.backup_epoch(tmp_path) == 1
+    flag = kit.PreemptionHandler()
+    flag._handle(10, None)  # as if SIGUSR1 arrived
+    history = fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+        kit.StopAtEpochEndOnPreemption(flag)])
+    assert len(history.history["loss"]) == 1  # the whole first epoch, then the stop
+
+
+@pytest.mark.parametrize("forget", [False, True], ids=["naive", "ForgetResumedEpoch"])
+def test_a_second_fit_after_a_resume_starts_at_epoch_0_only_with_the_fix(forget, tmp_path):
+    fit_model().fit(fit_data(), epochs=2, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
+        StopAfter(4, at_epoch_end=True)])
+    model = fit_model()  # the next job: resumes at epoch 1, then a fine-tuning phase
+    extra = [kit.ForgetResumedEpoch()] if forget else []
+    model.fit(fit_data(), epochs=2, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False), *extra])
+    second = model.fit(fit_data(), epochs=2, verbose=0)
+    assert len(second.history.get("loss", [])) == (2 if forget else 1)
+
+
+@pytest.mark.integration
+@pytest.mark.chaos
+def test_keras_fit_template_resumes_bitwise_identical(tmp_path, capsys, python_exe):
+    report = tmp_path / "report.json"
+    code = chaos_bench.main([
+        "--faults", "2", "--faults-per-run", "2", "--kinds", "signal,kill", "--compare",
+        "keras", "--final", "final.weights.h5", "--timeout", "90", "--json", str(report), "--",
+        python_exe, str(TEMPLATES / "train_keras_fit.py"), "--backup-dir", "{ckpt_dir}",
+        "--epochs", "6", "--log-every", "1", "--no-requeue"])
+    printed = capsys.readouterr().out
+    summary = json.loads(report.read_text())["summary"]
+    assert code == 0 and summary["mismatches"] == 0 and summary["problems"] == 0, printed

@@ -1,0 +1,129 @@
+"""A Keras model.fit run that survives wall-time limits, preemption and kills with
+keras.callbacks.BackupAndRestore, and resumes into exactly the run it left: interrupted and
+resumed at epoch boundaries, it ends bitwise identical to a run never interrupted.
+
+    python train_keras_fit.py --backup-dir backup --epochs 40
+    kill -USR1 <pid>      # stops after the current epoch's backup, requeues under Slurm
+    python train_keras_fit.py --backup-dir backup --epochs 40   # resumes
+
+BackupAndRestore restores at epoch boundaries: the time of one epoch is what a preemption
+signal must leave (--signal=B:USR1@...), and the most a kill can cost. With long epochs,
+train on a part of the data per "epoch". Exit codes as in the other templates: 0 finished; 3 preempted and
+requeued; 75 preempted, backup saved, not requeued.
+
+What the callbacks fix is explained in tf_checkpoint_utils.py (section "Keras fit"). To
+adapt it, change the three blocks marked "CHANGE ME". Needs TensorFlow and
+tf_checkpoint_utils.py beside this file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_checkpoint_utils import (  # noqa: E402
+    EXIT_FINISHED,
+    EpochSeeds,
+    ForgetResumedEpoch,
+    PreemptionHandler,
+    StopAtEpochEndOnPreemption,
+    epoch_batches,
+    exit_after_preemption,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backup-dir", "--ckpt-dir", default="backup",
+                   help="BackupAndRestore's folder (--ckpt-dir: as the batch scripts pass it)")
+    p.add_argument("--epochs", type=int, default=40, help="epochs of the whole run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
+    p.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="after a preemption, exit 75 instead of running scontrol requeue")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    return p.parse_args(argv)
+
+
+# ----- CHANGE ME (1/3): your data, as a dataset of single examples (not batched).
+def make_examples(seed: int) -> tf.data.Dataset:
+    inputs = tf.random.stateless_normal((2048, 32), seed=(seed, 1))
+    labels = tf.argmax(inputs @ tf.random.stateless_normal((32, 10), seed=(seed, 2)), axis=1)
+    return tf.data.Dataset.from_tensor_slices((inputs, labels))
+
+
+# ----- CHANGE ME (2/3): your model and optimizer. The schedule is a function of
+# optimizer.iterations, which the backup restores; a callback that counts steps in Python
+# would start again from zero after every resume.
+def make_model(args) -> keras.Model:
+    model = keras.Sequential([
+        keras.Input((32,)),
+        keras.layers.Dense(64, activation="relu"), keras.layers.Dropout(0.1),
+        keras.layers.Dense(10),
+    ])
+    total = args.epochs * args.steps_per_epoch  # optimizer steps of the whole run
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=total, warmup_target=args.lr, warmup_steps=total // 10)
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=0.01),
+                  # ----- CHANGE ME (3/3): your loss.
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+class ProgressLines(keras.callbacks.Callback):
+    """One line every ``every`` optimizer steps, in the other templates' format."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, every: int):
+        super().__init__()
+        self.total, self.per_epoch, self.every = total_steps, steps_per_epoch, every
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total} epoch {step // self.per_epoch} "
+                  f"loss {float(logs['loss']):.6f}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="[%(name)s] %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    with PreemptionHandler() as preemption:
+        return train(args, preemption)
+
+
+def train(args, preemption: PreemptionHandler) -> int:
+    keras.utils.set_random_seed(args.seed)
+    tf.config.experimental.enable_op_determinism()
+    first_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    data, args.steps_per_epoch = epoch_batches(
+        make_examples(args.seed), seed=args.seed, batch_size=args.batch_size,
+        epochs=args.epochs, first_epoch=first_epoch)
+    model = make_model(args)
+    model.build((None, 32))  # BackupAndRestore needs a built model
+    callbacks = [  # in this order: the backup of an epoch is written before anything stops
+        keras.callbacks.BackupAndRestore(args.backup_dir, double_checkpoint=True,
+                                         delete_checkpoint=False),
+        EpochSeeds(args.seed, args.backup_dir, first_epoch),
+        StopAtEpochEndOnPreemption(preemption),
+        ForgetResumedEpoch(),
+        ProgressLines(args.epochs * args.steps_per_epoch, args.steps_per_epoch, args.log_every),
+    ]
+    model.fit(data, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+              callbacks=callbacks, verbose=0)
+    if preemption.requested:
+        exit_after_preemption(preemption, requeue=args.requeue)
+    model.save_weights(os.path.join(args.backup_dir, "final.weights.h5"))
+    logging.getLogger("train").info("finished: %d epochs", args.epochs)
+    return EXIT_FINISHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
