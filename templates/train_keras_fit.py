@@ -117,7 +117,7 @@ def train(args, preemption: PreemptionHandler) -> int:
         ProgressLines(args.epochs * args.steps_per_epoch, args.steps_per_epoch, args.log_every),
     ]
     model.fit(data, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-              callbacks=callbacks, verbose=0)
+              callbacks=callbacks, verbose=0, shuffle=False)  # epoch_batches shuffles
     if preemption.requested:
         exit_after_preemption(preemption, requeue=args.requeue)
     model.save_weights(os.path.join(args.backup_dir, "final.weights.h5"))

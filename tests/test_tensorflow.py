@@ -213,10 +213,10 @@ class StopAfter(keras.callbacks.Callback):
 
 def test_default_backup_and_restore_deletes_the_backup_when_a_preemption_stops_fit(tmp_path):
     naive, kept = tmp_path / "naive", tmp_path / "kept"
-    fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+    fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(naive)), StopAfter(4, at_epoch_end=True)])
     assert not naive.exists(), "Keras changed: BackupAndRestore kept its backup"
-    fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+    fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(kept), delete_checkpoint=False),
         StopAfter(4, at_epoch_end=True)])
     assert kit.backup_epoch(kept) == 1
@@ -225,27 +225,27 @@ def test_default_backup_and_restore_deletes_the_backup_when_a_preemption_stops_f
 def test_stopping_mid_epoch_records_the_partial_epoch_as_complete(tmp_path):
     """Stopped after 1 of 4 batches, the backup says epoch 0 is done: the resumed run would
     skip 3 batches. The kit stops at the epoch end instead."""
-    fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+    fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
         StopAfter(1, at_epoch_end=False)])
     assert kit.backup_epoch(tmp_path) == 1
     flag = kit.PreemptionHandler()
     flag._handle(10, None)  # as if SIGUSR1 arrived
-    history = fit_model().fit(fit_data(), epochs=3, verbose=0, callbacks=[
+    history = fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
         kit.StopAtEpochEndOnPreemption(flag)])
     assert len(history.history["loss"]) == 1  # the whole first epoch, then the stop
 
 
 @pytest.mark.parametrize("forget", [False, True], ids=["naive", "ForgetResumedEpoch"])
 def test_a_second_fit_after_a_resume_starts_at_epoch_0_only_with_the_fix(forget, tmp_path):
-    fit_model().fit(fit_data(), epochs=2, verbose=0, callbacks=[
+    fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
         StopAfter(4, at_epoch_end=True)])
     model = fit_model()  # the next job: resumes at epoch 1, then a fine-tuning phase
     extra = [kit.ForgetResumedEpoch()] if forget else []
-    model.fit(fit_data(), epochs=2, verbose=0, callbacks=[
+    model.fit(fit_data(), epochs=2, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False), *extra])
-    second = model.fit(fit_data(), epochs=2, verbose=0)
+    second = model.fit(fit_data(), epochs=2, verbose=0, shuffle=False)
     assert len(second.history.get("loss", [])) == (2 if forget else 1)
 
 
