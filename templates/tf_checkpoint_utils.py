@@ -120,11 +120,13 @@ class VerifiedCheckpointManager:
 
     def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, *,
                  max_to_keep: int = 3, step_counter: tf.Variable | None = None,
-                 checkpoint_interval: int | None = None):
+                 checkpoint_interval: int | None = None, read_only: bool = False):
         self.checkpoint = checkpoint
         self.directory = Path(directory)
+        self.read_only = read_only  # another process owns the folder: restore, never clean
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.remove_unfinished_saves()
+        if not read_only:
+            self.remove_unfinished_saves()
         self.manager = tf.train.CheckpointManager(
             checkpoint, str(self.directory), max_to_keep=max_to_keep,
             checkpoint_name=PREFIX, step_counter=step_counter,
@@ -174,7 +176,8 @@ class VerifiedCheckpointManager:
                 verify_tf_checkpoint(self.marker_path(step))
             except CorruptCheckpointError as error:
                 log.warning("skipping %s: %s", prefix.name, error)
-                self.quarantine(step)
+                if not self.read_only:
+                    self.quarantine(step)
                 continue
             try:
                 self.checkpoint.restore(str(prefix)).assert_consumed()

@@ -510,7 +510,7 @@ CHILDREN = {
             sum(range(10 ** 12))    # C code that never lets another Python thread run
     """,
 }
-CHILD_TIMEOUT = 30.0
+CHILD_TIMEOUT = 12.0
 
 
 @pytest.fixture
