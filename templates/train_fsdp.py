@@ -329,6 +329,8 @@ def train(args, ctx: DistributedContext) -> int:
                     break  # start the next epoch with a fresh data order
         if not stopped:
             save("step")  # the last checkpoint holds the final state
+            # Finished: a signal from now on must not turn exit 0 into a kill.
+            preemption.ignore_further_signals()
             saver.wait()  # the run is not finished before its last checkpoint is
     if stopped:
         return exit_code_after_preemption(preemption, args.requeue)

@@ -121,6 +121,8 @@ def train(args, preemption: PreemptionHandler) -> int:
     if preemption.requested:
         exit_after_preemption(preemption, requeue=args.requeue)
     model.save_weights(os.path.join(args.backup_dir, "final.weights.h5"))
+    # Finished: a signal from now on must not turn exit 0 into a kill.
+    preemption.ignore_further_signals()
     logging.getLogger("train").info("finished: %d epochs", args.epochs)
     return EXIT_FINISHED
 

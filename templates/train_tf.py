@@ -164,6 +164,8 @@ def train(args, preemption: PreemptionHandler) -> int:
             exit_after_preemption(preemption, requeue=args.requeue)
         manager.save(done, force=False)  # every --save-every-steps (checkpoint_interval)
     manager.save(int(step))  # the last checkpoint holds the final state
+    # Finished: a signal from now on must not turn exit 0 into a kill.
+    preemption.ignore_further_signals()
     elapsed = time.monotonic() - started
     log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
              int(step), manager.save_count, manager.save_seconds, elapsed,

@@ -228,6 +228,8 @@ def train(args, preemption: PreemptionHandler) -> int:
             if epoch_finished:
                 break  # start the next epoch with a fresh data order
     save("step")  # the last checkpoint holds the final state
+    # Finished: a signal from now on must not turn exit 0 into a kill.
+    preemption.ignore_further_signals()
     elapsed = time.monotonic() - started
     log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
              progress.step, manager.save_count, manager.save_seconds, elapsed,

@@ -339,6 +339,8 @@ def train(args, ctx: DistributedContext) -> int:
             if (code := train_epoch(run, preemption)) is not None:
                 return code
         run.save("step")  # the last checkpoint holds the final state
+        # Finished: a signal from now on must not turn exit 0 into a kill.
+        preemption.ignore_further_signals()
     if ctx.is_main:
         elapsed = time.monotonic() - started
         log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
