@@ -304,3 +304,31 @@ def test_exercise_job_grades_on_the_cluster(job_file, slurm, tmp_path):
     output = next(folder.glob(f"*-{job_id}.out")).read_text()
     assert job["JobState"] == "COMPLETED", output
     assert re.search(r"^score: (\d+)/\1$", output, re.M), output
+
+
+# ------------------------------------------------------------------ the TensorFlow template
+@pytest.mark.tensorflow
+def test_tf_template_under_preemptible_sbatch_requeues_and_resumes(slurm, tmp_path,
+                                                                    python_exe):
+    """The TensorFlow template runs with the same batch script (PROGRAM=train_tf.py): a USR1
+    to the batch shell makes it save, requeue, and end like a run that was never stopped."""
+    pytest.importorskip("tensorflow")
+    from compare_tf_checkpoints import tf_checkpoint_differences
+
+    reference_dir = tmp_path / "reference"
+    subprocess.run([python_exe, str(TEMPLATES / "train_tf.py"), "--ckpt-dir",
+                    str(reference_dir), "--steps", "200", "--save-every-steps", "50"],
+                   check=True, capture_output=True, timeout=120)
+    project = user_project(tmp_path, "train_tf.py", "tf_checkpoint_utils.py",
+                           "preemptible.sbatch")
+    job_id = slurm.submit(project / "preemptible.sbatch", project, PROGRAM="train_tf.py",
+                          TRAIN_ARGS=SLOW.format(steps=200))
+    output_file = project / f"ckpt-preemptible-{job_id}.out"
+    wait_for_step(slurm, output_file, 60, job_id)
+    slurm.signal_batch(job_id, "USR1")
+    job = slurm.wait_final(job_id, timeout=120)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert "saved and requeued the job" in output and "resumed from ckpt-" in output
+    differences = tf_checkpoint_differences(reference_dir, project / "checkpoints")
+    assert differences == [], "\n".join(differences) + "\n" + output[-3000:]
