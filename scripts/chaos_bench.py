@@ -316,6 +316,7 @@ class RunResult:
     number: int
     faults: list[FaultResult]
     attempts: list[Attempt]
+    compared: bool = False  # the run finished and its final state was compared
     matches: bool = False
     problem: str | None = None
 
@@ -458,7 +459,7 @@ class Bench:
             result.problem = f"no {self.args.final} after the run finished"
             return
         differences = final_state_differences(ref.final, final, self.args.compare)
-        result.matches = not differences
+        result.compared, result.matches = True, not differences
         if differences:
             result.problem = "final state differs from the reference:\n" + "\n".join(
                 differences[:10])
@@ -512,8 +513,7 @@ def summarize(runs: list[RunResult], skipped: dict[str, str]) -> dict:
         "runs": len(runs), "faults": len(faults),
         "faults_landed": sum(f.landed for f in faults),
         "resumes": sum(len(run.attempts) - 1 for run in runs),
-        "mismatches": sum(not run.matches for run in runs if run.problem is None or
-                          run.problem.startswith("final state")),
+        "mismatches": sum(run.compared and not run.matches for run in runs),
         "problems": sum(run.problem is not None for run in runs)
         + sum(f.problem is not None for f in faults),
         "by_kind": by_kind, "skipped_kinds": skipped,

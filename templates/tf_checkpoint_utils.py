@@ -73,13 +73,16 @@ def checkpoint_files(prefix: str | Path) -> list[Path]:
                   if _CHECKPOINT_FILE.match(p.name))
 
 
-def _file_digest(path: Path) -> tuple[str, int]:
+def _file_digest(path: Path, *, fsync: bool = False) -> tuple[str, int]:
+    """sha256 (hex) and size of a file, read in chunks; with ``fsync``, also make its bytes
+    durable (TensorFlow does not fsync what it writes)."""
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(f.fileno())  # TensorFlow does not: make its bytes durable before the marker
+        if fsync:
+            os.fsync(f.fileno())
     return digest.hexdigest(), size
 
 
@@ -99,7 +102,7 @@ def verify_tf_checkpoint(marker: Path) -> dict:
         if size != expected["size"]:
             raise CorruptCheckpointError(
                 f"{name}: {size} bytes on disk, the marker says {expected['size']} (truncated?)")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest, _ = _file_digest(path)
         if digest != expected["sha256"]:
             raise CorruptCheckpointError(f"{name}: sha256 does not match the marker")
     return meta
@@ -120,13 +123,11 @@ class VerifiedCheckpointManager:
 
     def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, *,
                  max_to_keep: int = 3, step_counter: tf.Variable | None = None,
-                 checkpoint_interval: int | None = None, read_only: bool = False):
+                 checkpoint_interval: int | None = None):
         self.checkpoint = checkpoint
         self.directory = Path(directory)
-        self.read_only = read_only  # another process owns the folder: restore, never clean
         self.directory.mkdir(parents=True, exist_ok=True)
-        if not read_only:
-            self.remove_unfinished_saves()
+        self.remove_unfinished_saves()
         self.manager = tf.train.CheckpointManager(
             checkpoint, str(self.directory), max_to_keep=max_to_keep,
             checkpoint_name=PREFIX, step_counter=step_counter,
@@ -146,7 +147,7 @@ class VerifiedCheckpointManager:
             return None
         files = {}
         for path in checkpoint_files(prefix):
-            digest, size = _file_digest(path)
+            digest, size = _file_digest(path, fsync=True)  # durable before the marker
             files[path.name] = {"sha256": digest, "size": size}
         fsync_directory(self.directory)
         marker = self.marker_path(step)
@@ -176,8 +177,7 @@ class VerifiedCheckpointManager:
                 verify_tf_checkpoint(self.marker_path(step))
             except CorruptCheckpointError as error:
                 log.warning("skipping %s: %s", prefix.name, error)
-                if not self.read_only:
-                    self.quarantine(step)
+                self.quarantine(step)
                 continue
             try:
                 self.checkpoint.restore(str(prefix)).assert_consumed()

@@ -261,14 +261,3 @@ def test_keras_fit_template_resumes_bitwise_identical(tmp_path, capsys, python_e
     printed = capsys.readouterr().out
     summary = json.loads(report.read_text())["summary"]
     assert code == 0 and summary["mismatches"] == 0 and summary["problems"] == 0, printed
-
-
-def test_read_only_manager_restores_without_touching_the_folder(tmp_path):
-    """What a worker other than the chief uses: it skips a damaged checkpoint but leaves
-    moving it aside to the folder's owner."""
-    manager, step = saved_manager(tmp_path)
-    (tmp_path / "ckpt-20.index").write_bytes(b"damaged")
-    step.assign(0)
-    reader = kit.VerifiedCheckpointManager(manager.checkpoint, tmp_path, read_only=True)
-    assert reader.restore_latest() == 10 and int(step) == 10
-    assert (tmp_path / "ckpt-20.index").exists() and not (tmp_path / "corrupt").exists()
