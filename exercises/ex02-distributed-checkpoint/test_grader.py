@@ -127,6 +127,22 @@ wrap("restore_own_rng_state", after=lambda result, *a, **k: note("rng_restored",
                                                                   digest=rng_digest()))
 wrap("load_agreed_checkpoint", after=lambda result, *a, **k: note(
     "resumed", step=None if result is None else result.get("step")))
+# The preemption signal, when this launch has one: rank 1 sends SIGUSR1 to itself from
+# inside its step SIGNAL_STEP, before the optimizer has run. A real signal at a moment the
+# grader chooses: a stop check placed in the middle of a step always sees it.
+SIGNAL_STEP = int(os.environ.get("GRADER_SIGNAL_STEP", "-1"))
+real_step, steps_taken = train_ddp.train_one_step, [0]
+
+
+def step_with_signal(*args, **kwargs):
+    steps_taken[0] += 1
+    if RANK == 1 and steps_taken[0] == SIGNAL_STEP:
+        import signal
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return real_step(*args, **kwargs)
+
+
+train_ddp.train_one_step = step_with_signal
 sys.exit(train_ddp.main())
 '''
 
@@ -138,7 +154,6 @@ class Launch:
     output: list            # one list of lines per rank
     timed_out: bool
     records: list           # one list of events per rank
-    seconds_after_signal: float | None = None
 
     def events(self, rank: int, kind: str) -> list[dict]:
         return [e for e in self.records[rank] if e["event"] == kind]
@@ -150,10 +165,10 @@ class Launch:
 
 def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None = None,
            probe_step: int = -1) -> Launch:
-    """Start every rank of the kit's train_ddp.py (through the probe), send SIGUSR1 to
-    rank 1 once rank 0 printed step ``signal_rank1_at``, and wait for all of them; kill
-    the rest when one rank has ended and the others do not follow (a rank that raised
-    leaves its peers waiting in a collective)."""
+    """Start every rank of the kit's train_ddp.py (through the probe), have rank 1 send
+    itself SIGUSR1 inside its step ``signal_rank1_at`` (the probe does it), and wait for
+    all of them; kill the rest when one rank has ended and the others do not follow (a
+    rank that raised leaves its peers waiting in a collective)."""
     shutil.rmtree(record, ignore_errors=True)
     record.mkdir(parents=True)
     command = [sys.executable, str(kit / "grader_probe.py"), "--ckpt-dir", str(ckpt),
@@ -163,7 +178,8 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GRADE"))}
     base.update(OMP_NUM_THREADS="1", WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()), GRADER_RECORD=str(record),
-                GRADER_CKPT=str(ckpt), GRADER_PROBE_STEP=str(probe_step), GRADER_HOLD=str(HOLD))
+                GRADER_CKPT=str(ckpt), GRADER_PROBE_STEP=str(probe_step), GRADER_HOLD=str(HOLD),
+                GRADER_SIGNAL_STEP=str(signal_rank1_at or -1))
     lines: queue.Queue = queue.Queue()
     processes, output = [], [[] for _ in range(WORLD_SIZE)]
 
@@ -177,17 +193,12 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
                                           stderr=subprocess.STDOUT, text=True, env=env,
                                           cwd=kit, start_new_session=True))
         threading.Thread(target=forward, args=(rank, processes[-1].stdout), daemon=True).start()
-    started, first_end, signalled, timed_out = time.monotonic(), None, None, False
+    started, first_end, timed_out = time.monotonic(), None, False
     try:
         while True:
             try:
                 rank, line = lines.get(timeout=0.05)
                 output[rank].append(line)
-                step = re.match(r"step (\d+)/", line)
-                if (rank == 0 and step and signal_rank1_at is not None and signalled is None
-                        and int(step[1]) >= signal_rank1_at):
-                    processes[1].send_signal(signal.SIGUSR1)
-                    signalled = time.monotonic()
                 continue
             except queue.Empty:
                 pass
@@ -214,8 +225,7 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
         path = record / f"rank{rank}.jsonl"
         records.append([json.loads(x) for x in path.read_text().splitlines()]
                        if path.exists() else [])
-    return Launch([p.returncode for p in processes], output, timed_out, records,
-                  None if signalled is None else time.monotonic() - signalled)
+    return Launch([p.returncode for p in processes], output, timed_out, records)
 
 
 @dataclasses.dataclass
