@@ -1,0 +1,25 @@
+function ckpt_restore_rng_state(state)
+%CKPT_RESTORE_RNG_STATE  Put back the random number generators saved by ckpt_rng_state,
+%   so a resumed run draws exactly the numbers the uninterrupted run would have drawn.
+%   ckpt_restore_rng_state(checkpoint.rng)
+  rng(state.rng);
+  if exist('OCTAVE_VERSION', 'builtin') && isfield(state.octave_extra, 'rande')
+    rande('state', state.octave_extra.rande);
+    randg('state', state.octave_extra.randg);
+    randp('state', state.octave_extra.randp);
+  end
+end
+
+%!test
+%! % the state survives the round trip through a -v7 MAT file
+%! folder = tempname ();
+%! confirm_recursive_rmdir (false, 'local');
+%! rng (7);
+%! randn (1, 50);
+%! ckpt_save (folder, struct ('rng', ckpt_rng_state ()), 50);
+%! expected = [randn(1, 5), rand(1, 5), rande(1, 2)];
+%! rng (1); rande (1, 99);
+%! checkpoint = ckpt_load_latest (folder);
+%! ckpt_restore_rng_state (checkpoint.rng);
+%! assert ([randn(1, 5), rand(1, 5), rande(1, 2)], expected);
+%! rmdir (folder, 's');

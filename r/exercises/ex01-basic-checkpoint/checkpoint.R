@@ -1,0 +1,500 @@
+# Exercise ex01-basic-checkpoint: your file. Generated from r/checkpoint.R by scripts/make_starters.py.
+# Implement the functions that stop with "TODO ..." (README.md lists the tasks),
+# then grade your work with: make grade EX=r-ex01
+# checkpoint.R: checkpointing for long R jobs on Slurm. Survive wall-time limits,
+# preemption, crashes and kills, and resume to exactly the run you would have had.
+#
+# Copy this one file into your project and `source("checkpoint.R")`. It needs base R and
+# the packages jsonlite and digest (Debian: r-cran-jsonlite r-cran-digest), nothing else.
+# The rules and the names are those of the course's Python kit (checkpoint_utils.py).
+#
+# What it gives you:
+#   save_checkpoint()        saveRDS to a temp file, rename (atomic), then a completion
+#                            marker written last, a `last.txt` pointer, rotation
+#   load_latest_checkpoint() the newest checkpoint that passes verification; damaged ones
+#                            are skipped with a message and moved to corrupt/
+#   find_latest_valid_checkpoint(), list_checkpoints(), verify_checkpoint(),
+#   rotate_checkpoints(), remove_unfinished_saves()
+#   capture_rng_state() / restore_rng_state()   .Random.seed AND RNGkind(), so a resumed
+#                            run draws exactly the numbers an uninterrupted one draws
+#   save_schedule()          save every N steps and every T seconds, whichever is first
+#   stop_requested()         R cannot run code when a signal arrives: the batch shell
+#                            traps Slurm's signal and creates a flag file; the loop checks
+#                            the file at every step boundary, saves, and exits
+#   exit_after_preemption()  requeue the Slurm job (`scontrol requeue`, job id checked)
+#                            and quit with the exit code below
+#
+# Files in the checkpoint folder:
+#   step_00000400.rds        the checkpoint: your state, written by saveRDS
+#   step_00000400.rds.json   its completion marker: sha256, size, step, kind, saved_at,
+#                            R version (written last: no marker, no checkpoint)
+#   time_00000457.rds(.json) saved by the timer (named by step, so names sort by progress)
+#   preempt_00000412.rds(.json)  saved after a stop request
+#   last.txt                 one line: the name of the newest complete checkpoint
+#   .tmp-*                   an unfinished save; ignored, and removed on the next start
+#   corrupt/                 checkpoints that failed verification, kept for inspection
+# A checkpoint counts only when its marker exists and its bytes match the marker's
+# sha256. The newest is chosen by the step in the marker, never by file time.
+#
+# Exit codes (quit(status = ...)), the same as the Python kit:
+#    0  finished                                    EXIT_FINISHED
+#    3  stop requested, checkpoint saved, requeued  EXIT_REQUEUED
+#   75  stop requested, checkpoint saved, NOT requeued (EX_TEMPFAIL: the batch script
+#       or you resubmit)                            EXIT_PREEMPTED
+#    2  what Rscript itself exits with when SIGUSR1 reaches R (R saves .RData and quits):
+#       the signal went to R instead of the batch shell; use --signal=B:USR1@120
+#
+# What to change: nothing in this file. Pass keep/keep_time to save_checkpoint(), put
+# everything your loop needs to go on into the state you save (see example_mcmc.R), and
+# set options(checkpoint.fsync = FALSE) (or CHECKPOINT_FSYNC=0 in the environment) only
+# where `sync` is slow on your file system and a lost newest save after a power cut is fine.
+
+if (!requireNamespace("jsonlite", quietly = TRUE) || !requireNamespace("digest", quietly = TRUE)) {
+  stop("checkpoint.R needs the R packages jsonlite and digest: ",
+       "install.packages(c(\"jsonlite\", \"digest\")) or apt install r-cran-jsonlite r-cran-digest")
+}
+
+CHECKPOINT_FORMAT_VERSION <- 1L
+CHECKPOINT_SUFFIX <- ".rds"
+MARKER_SUFFIX <- ".json"  # appended to the checkpoint's name: step_00000400.rds.json
+LAST_POINTER <- "last.txt"
+TEMP_PREFIX <- ".tmp-"
+QUARANTINE_FOLDER <- "corrupt"
+CHECKPOINT_KINDS <- c("step", "time", "preempt")
+# Timer checkpoints rotate on their own, so that frequent timer saves cannot push out the
+# step checkpoints you rely on.
+TIME_KINDS <- "time"
+CHECKPOINT_NAME_PATTERN <- "^(step|time|preempt)_[0-9]+\\.rds$"
+SLURM_JOB_ID_PATTERN <- "^[0-9]+(_[0-9]+)?$"
+
+EXIT_FINISHED <- 0L
+EXIT_REQUEUED <- 3L
+EXIT_PREEMPTED <- 75L
+
+
+# ------------------------------------------------------------------------------ messages
+checkpoint_log <- function(...) {
+  message("[checkpoint] ", ...)
+}
+
+# A condition of class `class` (and "checkpoint_error"), so that callers can catch
+# exactly the failures this file raises on purpose.
+checkpoint_condition <- function(text, class) {
+  structure(class = c(class, "checkpoint_error", "error", "condition"),
+            list(message = text, call = NULL))
+}
+
+corrupt_checkpoint <- function(...) {
+  stop(checkpoint_condition(paste0(...), "corrupt_checkpoint_error"))
+}
+
+
+# ------------------------------------------------------------------------------ atomic writes
+# Base R has no fsync. `sync FILE` (GNU coreutils >= 8.24) flushes one file or folder to
+# disk. Without it a rename is still atomic for a killed process; only a node that loses
+# power before its cache reaches the disk could lose the newest save.
+sync_to_disk <- function(...) {
+  sync <- Sys.which("sync")
+  enabled <- getOption("checkpoint.fsync", Sys.getenv("CHECKPOINT_FSYNC") != "0")
+  if (!nzchar(sync) || !isTRUE(enabled)) {
+    return(invisible(FALSE))
+  }
+  status <- suppressWarnings(system2(sync, shQuote(c(...)), stdout = FALSE,
+                                     stderr = FALSE))
+  invisible(identical(as.integer(status), 0L))
+}
+
+temp_path <- function(path) {
+  file.path(dirname(path), paste0(TEMP_PREFIX, basename(path), ".", Sys.getpid()))
+}
+
+sha256_of_file <- function(path) {
+  digest::digest(file = path, algo = "sha256")
+}
+
+# Write a file so that `path` holds either its old content or the complete new one, never
+# a part: `write(tmp)` writes a temp file in the same folder (a rename is atomic only
+# within one file system), the temp file is flushed to disk and renamed over `path`.
+# A failed write removes its temp file. Returns the sha256 and size of what was written.
+# durable = FALSE skips the two flushes to disk (each one starts a `sync` process).
+atomic_write_file <- function(path, write, durable = TRUE) {
+  stop("TODO Task 3: Write atomically (see README.md)")
+}
+
+atomic_save_rds <- function(object, path, compress = TRUE) {
+  atomic_write_file(path, function(tmp) saveRDS(object, tmp, compress = compress))
+}
+
+
+# ------------------------------------------------------------------------------ markers
+marker_path <- function(checkpoint) {
+  paste0(checkpoint, MARKER_SUFFIX)
+}
+
+# The completion marker: the proof that `checkpoint` is complete, and what its bytes must
+# be. Written atomically, and only after the checkpoint itself is on disk.
+write_completion_marker <- function(checkpoint, step, kind, saved_at, sha256, size) {
+  meta <- list(format_version = CHECKPOINT_FORMAT_VERSION, name = basename(checkpoint),
+               step = step, kind = kind, saved_at = saved_at, sha256 = sha256,
+               size = size, r_version = R.version$version.string,
+               host = Sys.info()[["nodename"]])
+  text <- jsonlite::toJSON(meta, auto_unbox = TRUE, pretty = TRUE, digits = NA)
+  atomic_write_file(marker_path(checkpoint), function(tmp) writeLines(text, tmp))
+  invisible(meta)
+}
+
+# A checkpoint's marker as a list (path, name, step, kind, saved_at, sha256, size).
+# Signals a corrupt_checkpoint_error when the marker is missing (the save did not
+# finish) or unreadable.
+read_marker <- function(checkpoint) {
+  marker <- marker_path(checkpoint)
+  if (!file.exists(marker)) {
+    corrupt_checkpoint(basename(checkpoint), ": no completion marker (", basename(marker),
+                       "); the save did not finish")
+  }
+  meta <- tryCatch(jsonlite::fromJSON(marker, simplifyVector = TRUE), error = function(e) {
+    corrupt_checkpoint(basename(checkpoint), ": unreadable completion marker (",
+                       conditionMessage(e), ")")
+  })
+  missing <- setdiff(c("step", "kind", "saved_at", "sha256", "size"), names(meta))
+  if (!is.list(meta) || length(missing) > 0) {
+    corrupt_checkpoint(basename(checkpoint), ": completion marker lacks ",
+                       paste(missing, collapse = ", "))
+  }
+  list(path = checkpoint, name = basename(checkpoint), step = as.integer(meta$step),
+       kind = as.character(meta$kind), saved_at = as.numeric(meta$saved_at),
+       sha256 = as.character(meta$sha256), size = as.numeric(meta$size))
+}
+
+
+# ------------------------------------------------------------------------------ verification
+# Check that a checkpoint's bytes are the ones its marker describes. `info` is what
+# read_marker() or list_checkpoints() gives, or a checkpoint's path. Signals a
+# corrupt_checkpoint_error that says why (missing, truncated, changed).
+verify_checkpoint <- function(info) {
+  if (is.character(info)) {
+    info <- read_marker(info)
+  }
+  if (!file.exists(info$path)) {
+    corrupt_checkpoint(info$name, ": file is missing")
+  }
+  size <- file.size(info$path)
+  if (size != info$size) {
+    corrupt_checkpoint(info$name, ": ", size, " bytes on disk, the marker says ", info$size,
+                       " (truncated or overwritten)")
+  }
+  if (sha256_of_file(info$path) != info$sha256) {
+    corrupt_checkpoint(info$name, ": sha256 does not match the marker (the bytes were changed)")
+  }
+  invisible(info)
+}
+
+empty_checkpoint_table <- function() {
+  data.frame(path = character(), name = character(), step = integer(), kind = character(),
+             saved_at = numeric(), sha256 = character(), size = numeric(),
+             stringsAsFactors = FALSE)
+}
+
+# Every checkpoint in `directory` that has a readable completion marker, as a data frame
+# ordered by step, then save time (oldest first). Checksums are not checked here. The
+# order never depends on file times, which copies, restores and clock skew change.
+list_checkpoints <- function(directory) {
+  names <- list.files(directory, pattern = CHECKPOINT_NAME_PATTERN)
+  infos <- lapply(file.path(directory, names), function(path) {
+    tryCatch(read_marker(path), checkpoint_error = function(e) NULL)  # unfinished save
+  })
+  infos <- Filter(Negate(is.null), infos)
+  if (length(infos) == 0) {
+    return(empty_checkpoint_table())
+  }
+  table <- do.call(rbind, lapply(infos, as.data.frame, stringsAsFactors = FALSE))
+  table <- table[order(table$step, table$saved_at), , drop = FALSE]
+  rownames(table) <- NULL
+  table
+}
+
+# The newest checkpoint (by step) whose bytes match its marker, as a list, or NULL.
+# Newer checkpoints that fail verification are skipped with a message saying why.
+find_latest_valid_checkpoint <- function(directory) {
+  table <- list_checkpoints(directory)
+  for (i in rev(seq_len(nrow(table)))) {
+    info <- as.list(table[i, ])
+    valid <- tryCatch({
+      verify_checkpoint(info)
+      TRUE
+    }, checkpoint_error = function(e) {
+      checkpoint_log("skipped corrupt checkpoint: ", conditionMessage(e))
+      FALSE
+    })
+    if (valid) {
+      return(info)
+    }
+  }
+  NULL
+}
+
+# Move a damaged checkpoint out of the way of rotation and of last.txt, but keep it.
+quarantine_checkpoint <- function(info) {
+  folder <- file.path(dirname(info$path), QUARANTINE_FOLDER)
+  dir.create(folder, showWarnings = FALSE)
+  for (path in c(info$path, marker_path(info$path))) {  # the marker last, as in removal
+    if (file.exists(path)) {
+      file.rename(path, file.path(folder, basename(path)))
+    }
+  }
+  checkpoint_log("moved ", info$name, " to ", QUARANTINE_FOLDER, "/ for inspection")
+}
+
+# readRDS() of a verified checkpoint; a file that verifies but cannot be read is corrupt.
+read_checkpoint_file <- function(path) {
+  tryCatch(readRDS(path), error = function(e) {
+    corrupt_checkpoint(basename(path), ": cannot be read (", conditionMessage(e), ")")
+  })
+}
+
+# Load the newest valid checkpoint and return the state it holds, or NULL (with a message)
+# when there is none. Damaged checkpoints are skipped with a message, moved to corrupt/
+# (quarantine = FALSE leaves everything on disk as it is), and last.txt is pointed at the
+# checkpoint actually loaded.
+load_latest_checkpoint <- function(directory, quarantine = TRUE) {
+  table <- list_checkpoints(directory)
+  for (i in rev(seq_len(nrow(table)))) {
+    info <- as.list(table[i, ])
+    state <- tryCatch({
+      verify_checkpoint(info)
+      list(value = read_checkpoint_file(info$path))
+    }, checkpoint_error = function(e) {
+      checkpoint_log("skipped corrupt checkpoint: ", conditionMessage(e))
+      NULL
+    })
+    if (is.null(state)) {
+      if (quarantine) quarantine_checkpoint(info)
+      next
+    }
+    checkpoint_log(sprintf("resumed from %s (step %d)", info$name, info$step))
+    if (quarantine && !identical(read_last_pointer(directory), info$path)) {
+      update_last_pointer(directory, info$name)
+    }
+    return(state$value)
+  }
+  checkpoint_log(if (nrow(table) > 0) "no valid checkpoint" else "no checkpoint",
+                 " in ", directory, ": starting fresh")
+  NULL
+}
+
+
+# ------------------------------------------------------------------------------ last pointer
+# `last.txt` is a one-line text file, not a symlink: symlinks are refused by some file
+# systems checkpoints end up on (SMB/CIFS shares, exFAT disks, object-store mounts), are
+# lost or turned into copies by some transfer tools, and need privileges on Windows. A
+# small file written atomically works everywhere. It is a convenience for people; resume
+# never trusts it, it walks the markers.
+read_last_pointer <- function(directory) {
+  pointer <- file.path(directory, LAST_POINTER)
+  if (!file.exists(pointer)) {
+    return(NULL)
+  }
+  name <- readLines(pointer, n = 1, warn = FALSE)
+  if (length(name) != 1 || !grepl(CHECKPOINT_NAME_PATTERN, name)) {
+    return(NULL)
+  }
+  file.path(directory, name)
+}
+
+update_last_pointer <- function(directory, checkpoint_name) {
+  # Not flushed to disk: after a power loss an older pointer is harmless, see above.
+  atomic_write_file(file.path(directory, LAST_POINTER),
+                    function(tmp) writeLines(checkpoint_name, tmp), durable = FALSE)
+  invisible(checkpoint_name)
+}
+
+
+# ------------------------------------------------------------------------------ rotation
+remove_checkpoint <- function(path) {
+  # The marker goes first: a kill between the two leaves a file without marker, which is
+  # ignored, never a marker whose checkpoint is gone.
+  unlink(marker_path(path))
+  unlink(path)
+}
+
+# Delete old checkpoints: keep the newest `keep` step/preempt checkpoints and the newest
+# `keep_time` timer ones. Never deletes what last.txt names or anything in `protect`
+# (pass the checkpoint just saved). Call it only after a save succeeded. Returns the
+# names deleted.
+rotate_checkpoints <- function(directory, keep = 3, keep_time = 2, protect = character()) {
+  if (keep < 1) {
+    stop("keep must be at least 1: rotation must never delete every checkpoint")
+  }
+  table <- list_checkpoints(directory)
+  protected <- normalizePath(c(protect, read_last_pointer(directory)), mustWork = FALSE)
+  regular <- table[!table$kind %in% TIME_KINDS, , drop = FALSE]
+  timed <- table[table$kind %in% TIME_KINDS, , drop = FALSE]
+  doomed <- rbind(head(regular, -keep), if (keep_time > 0) head(timed, -keep_time) else timed)
+  doomed <- doomed[!normalizePath(doomed$path, mustWork = FALSE) %in% protected, , drop = FALSE]
+  for (i in seq_len(nrow(doomed))) {
+    remove_checkpoint(doomed$path[i])
+    checkpoint_log(sprintf("rotated: deleted %s (step %d)", doomed$name[i], doomed$step[i]))
+  }
+  invisible(doomed$name)
+}
+
+# Delete the debris of saves that were killed: temp files, and checkpoints without a
+# completion marker. Run it only while no other process saves into `directory`.
+remove_unfinished_saves <- function(directory) {
+  names <- list.files(directory, all.files = TRUE, no.. = TRUE)
+  paths <- file.path(directory, names)
+  unfinished <- grepl(CHECKPOINT_NAME_PATTERN, names) & !file.exists(marker_path(paths))
+  doomed <- names[startsWith(names, TEMP_PREFIX) | unfinished]
+  for (name in doomed) {
+    unlink(file.path(directory, name))
+    checkpoint_log("removed unfinished save ", name)
+  }
+  invisible(doomed)
+}
+
+
+# ------------------------------------------------------------------------------ saving
+checkpoint_name <- function(kind, step) {
+  sprintf("%s_%08d%s", kind, as.integer(step), CHECKPOINT_SUFFIX)
+}
+
+# Save `state` (any R object; a list is usual) as the checkpoint of `step`: atomic
+# saveRDS, then the completion marker, then last.txt, then rotation. Returns the info of
+# the saved checkpoint (as read_marker() gives it).
+save_checkpoint <- function(directory, state, step, kind = "step", keep = 3, keep_time = 2) {
+  stop("TODO Task 4: Save: marker last, then pointer and rotation (see README.md)")
+}
+
+
+# ------------------------------------------------------------------------------ RNG state
+# The state of R's random number generator: the kinds (RNGkind(): generator, normal and
+# sample method) and .Random.seed. .Random.seed lives in the global environment and does
+# not exist before the first random draw or set.seed(); then the seed is NULL. (Its first
+# number encodes the kinds too; the kinds are kept separately so that a checkpoint says
+# in words which generator it holds, and so that restoring sets them explicitly.)
+# One state no R code can read: normal.kind = "Box-Muller" keeps the second number of
+# each pair between calls. Use the default "Inversion", or save after an even number of
+# normal draws.
+capture_rng_state <- function() {
+  stop("TODO Task 1: Capture the RNG state (see README.md)")
+}
+
+# Put the RNG back where capture_rng_state() found it. The kinds go first, because
+# setting them re-seeds the generator; then .Random.seed is assigned in the GLOBAL
+# environment (`.Random.seed <- seed` inside a function only makes a local variable, and
+# changes nothing).
+restore_rng_state <- function(state) {
+  stop("TODO Task 2: Restore it, draw for draw (see README.md)")
+}
+
+
+# ------------------------------------------------------------------------------ when to save
+# Decides when to save: every `every_steps` steps, or when `every_seconds` have passed
+# since the last save, whichever comes first (NULL: off). Use:
+#   schedule <- save_schedule(every_steps = 500, every_seconds = 15 * 60)
+#   kind <- schedule$due(step)          # "step", "time" or NULL
+#   if (!is.null(kind)) { save_checkpoint(...); schedule$mark_saved() }
+save_schedule <- function(every_steps = NULL, every_seconds = NULL,
+                          clock = function() proc.time()[["elapsed"]]) {
+  last_save <- clock()
+  due <- function(step) {
+    if (!is.null(every_steps) && step > 0 && step %% every_steps == 0) {
+      return("step")
+    }
+    if (!is.null(every_seconds) && clock() - last_save >= every_seconds) {
+      return("time")
+    }
+    NULL
+  }
+  mark_saved <- function() {
+    last_save <<- clock()
+  }
+  list(due = due, mark_saved = mark_saved)
+}
+
+
+# ------------------------------------------------------------------------------ preemption
+# TRUE when the batch shell has asked the job to stop by creating `flag_file`. R cannot
+# run R code when a signal arrives (SIGUSR1 makes Rscript save .RData and quit with exit
+# code 2), so Slurm's signal goes to the batch shell (--signal=B:USR1@120), whose trap
+# creates the file. Check it once per iteration, at a point where the state is whole.
+stop_requested <- function(flag_file) {
+  !is.null(flag_file) && nzchar(flag_file) && file.exists(flag_file)
+}
+
+env_value <- function(environ, name) {
+  value <- unname(unlist(environ)[name])
+  if (length(value) == 0 || is.na(value)) "" else value
+}
+
+# The id to requeue: ARRAYJOB_TASK for a job array task (only that task is requeued),
+# else SLURM_JOB_ID; NULL outside Slurm. Anything but digits is refused with an
+# invalid_job_id_error: the id goes into a command line.
+slurm_job_id <- function(environ = Sys.getenv()) {
+  array_job <- env_value(environ, "SLURM_ARRAY_JOB_ID")
+  array_task <- env_value(environ, "SLURM_ARRAY_TASK_ID")
+  job_id <- if (nzchar(array_job) && nzchar(array_task)) {
+    paste0(array_job, "_", array_task)
+  } else {
+    env_value(environ, "SLURM_JOB_ID")
+  }
+  if (!nzchar(job_id)) {
+    return(NULL)
+  }
+  if (!grepl(SLURM_JOB_ID_PATTERN, job_id)) {
+    stop(checkpoint_condition(sprintf(
+      "refusing to requeue job id '%s': a Slurm job id is digits, or digits_digits for an array task",
+      job_id), "invalid_job_id_error"))
+  }
+  job_id
+}
+
+# Ask Slurm to requeue this job with `scontrol requeue <id>`. TRUE when Slurm accepted;
+# FALSE, with a message saying why, outside Slurm, when scontrol is not on PATH (inside a
+# container, say) or when Slurm refused. system2() runs its command line through a shell
+# (it quotes the command, not the arguments): hence the check of the id.
+requeue_slurm_job <- function(environ = Sys.getenv(), scontrol = "scontrol") {
+  job_id <- slurm_job_id(environ)
+  if (is.null(job_id)) {
+    checkpoint_log("not running under Slurm (no SLURM_JOB_ID): not requeueing")
+    return(FALSE)
+  }
+  executable <- Sys.which(scontrol)
+  if (!nzchar(executable)) {
+    checkpoint_log(sprintf(paste0(
+      "cannot requeue job %s: '%s' is not on PATH (inside a container?); exiting with ",
+      "code %d so that the batch script can requeue"), job_id, scontrol, EXIT_PREEMPTED))
+    return(FALSE)
+  }
+  output <- suppressWarnings(system2(executable, c("requeue", job_id),
+                                     stdout = TRUE, stderr = TRUE))
+  status <- attr(output, "status")
+  if (!is.null(status) && status != 0) {
+    checkpoint_log(sprintf("scontrol requeue %s failed (exit %d): %s", job_id, status,
+                           paste(output, collapse = " ")))
+    return(FALSE)
+  }
+  checkpoint_log("requeued Slurm job ", job_id)
+  TRUE
+}
+
+# The exit code after a stop request whose checkpoint is saved: EXIT_REQUEUED when the
+# job was requeued here, else EXIT_PREEMPTED (the batch script or the user goes on).
+preemption_exit_code <- function(requeue = TRUE, environ = Sys.getenv()) {
+  if (!requeue) {
+    return(EXIT_PREEMPTED)
+  }
+  requeued <- tryCatch(requeue_slurm_job(environ), invalid_job_id_error = function(e) {
+    checkpoint_log(conditionMessage(e))  # the checkpoint is saved: report, stop cleanly
+    FALSE
+  })
+  if (requeued) EXIT_REQUEUED else EXIT_PREEMPTED
+}
+
+# Quit after the checkpoint of a stop request was saved. Use:
+#   if (stop_requested(flag)) { save_checkpoint(..., kind = "preempt"); exit_after_preemption() }
+exit_after_preemption <- function(requeue = TRUE) {
+  code <- preemption_exit_code(requeue)
+  checkpoint_log("stopping after a stop request: checkpoint saved, exit code ", code)
+  quit(save = "no", status = code)
+}

@@ -1,0 +1,380 @@
+"""The MATLAB track (matlab/), run for real with GNU Octave: the %!test blocks of every
+.m file, the files a checkpoint leaves checked from outside (sha256 with hashlib), damaged
+and unfinished checkpoints, the RNG across processes, SIGKILLs inside saves, and
+job.sbatch interrupted by real signals, in plain bash and on the local Slurm cluster,
+ending with the same result file as a run that was never interrupted.
+
+MATLAB itself is not available here; docs/matlab.md lists what only MATLAB can run.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, require_command
+from slurm_cluster import last_step
+
+pytestmark = [pytest.mark.matlab]
+
+MATLAB_DIR = REPO / "matlab"
+OCTAVE_INSTALL = "apt-get install --no-install-recommends octave"
+OCTAVE_CMD = "octave-cli --no-history --eval"  # job.sbatch's MATLAB_CMD for Octave
+# Small walks that take ~1.5 ms a step, so that signals land mid-run on a busy machine.
+RUN = {"steps": 1500, "walkers": 500, "save_every_steps": 200, "log_every": 50}
+SLOW_STEP = 0.001
+
+
+@pytest.fixture(scope="module")
+def octave() -> str:
+    return require_command("octave-cli", OCTAVE_INSTALL)
+
+
+def java_home() -> str | None:
+    """A JDK for Octave's Java interface, so that the sha256 path MATLAB takes (Java's
+    MessageDigest) runs here too."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    found = sorted(glob.glob("/usr/lib/jvm/*/lib/server/libjvm.so"))
+    return str(Path(found[0]).parents[2]) if found else None
+
+
+def run_octave(code: str, cwd: Path, timeout: float = 120,
+               env: dict | None = None) -> str:
+    """Run Octave code with the kit on the path; return its output, fail with it."""
+    command = ["octave-cli", "--no-history", "--eval",
+               f"addpath('{MATLAB_DIR}'); {code}"]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"octave exited {result.returncode}:\n{output}"
+    return output
+
+
+def run_args(**overrides) -> str:
+    """Name-value arguments of example_simulation, as MATLAB source text."""
+    options = {**RUN, **overrides}
+    return ", ".join(f"'{name}', {value}" for name, value in options.items())
+
+
+def simulate(folder: Path, cwd: Path, **overrides) -> str:
+    return run_octave(f"assert(example_simulation('{folder}', {run_args(**overrides)}) == 0)",
+                      cwd)
+
+
+# ------------------------------------------------------------------ the guide
+INCLUDE = re.compile(r"```\{literalinclude\} (\S+)\n((?::[\w-]+:.*\n)*)")
+
+
+def test_the_guide_includes_code_that_exists():
+    """docs/matlab.md shows code only through literalinclude: every file it names exists,
+    and the text each cut starts at is in it, with the text it ends at after that."""
+    guide = (REPO / "docs" / "matlab.md").read_text()
+    includes = INCLUDE.findall(guide)
+    assert len(includes) >= 4
+    for relative, options in includes:
+        source = (REPO / "docs" / relative).resolve()
+        assert source.parent == MATLAB_DIR and source.exists(), relative
+        text = source.read_text()
+        cuts = {option: re.sub(r'^"(.*)"$', r"\1", value) for option, value
+                in re.findall(r"^:([\w-]+): (.*)$", options, re.MULTILINE)}
+        start = cuts.get("start-at", cuts.get("start-after"))
+        end = cuts.get("end-at", cuts.get("end-before"))
+        begin = text.find(start) if start else 0
+        assert begin >= 0, f"{relative}: start {start!r} not found"
+        assert end is None or text.find(end, begin + 1) > 0, f"{relative}: end {end!r} not found"
+    assert "not run here (needs MATLAB + Deep Learning Toolbox)" in guide
+
+
+# ------------------------------------------------------------------ the built-in tests
+def test_every_builtin_test_block_passes(octave, tmp_path):
+    """Octave's test() runs the %!test blocks of each file. It never raises: it prints
+    the failures and returns counts, so the counts are what is checked here."""
+    files = sorted(MATLAB_DIR.glob("*.m"))
+    untested = [f.name for f in files if "\n%!" not in f.read_text()]
+    assert untested == [], f"files without %!test blocks: {untested}"
+    names = "{" + ", ".join(f"'{f.stem}'" for f in files) + "}"
+    code = (f"for name = {names}\n"
+            "  [passed, total, xfail, bugs, skipped] = test(name{1});\n"
+            "  printf('RESULT %s %d %d %d\\n', name{1}, passed, total, skipped);\n"
+            "end")
+    env = dict(os.environ)
+    if java_home():
+        env["JAVA_HOME"] = java_home()
+    output = run_octave(code, tmp_path, env=env)
+    results = {name: (int(passed), int(total), int(skipped)) for name, passed, total, skipped
+               in re.findall(r"^RESULT (\S+) (\d+) (\d+) (\d+)$", output, re.MULTILINE)}
+    assert sorted(results) == [f.stem for f in files], output
+    failed = {name: counts for name, counts in results.items()
+              if counts[0] != counts[1] or counts[1] == 0}
+    assert failed == {} and "!!!!! test failed" not in output, output
+    if java_home():  # the Java sha256 path must have run, not been skipped
+        assert results["ckpt_sha256_file"][2] == 0, output
+
+
+# ------------------------------------------------------------------ files, checked from outside
+def test_a_save_leaves_a_v7_mat_file_a_true_marker_and_the_pointer(octave, tmp_path):
+    folder = tmp_path / "checkpoints"
+    run_octave(f"ckpt_save('{folder}', struct('step', 40, 'x', rand(50)), 40);"
+               f"ckpt_save('{folder}', struct('step', 80, 'x', rand(50)), 80, 'time');",
+               tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "last.txt", "step_00000040.mat", "step_00000040.mat.json",
+        "time_00000080.mat", "time_00000080.mat.json"]  # no .tmp- debris
+    for name, step, kind in [("step_00000040.mat", 40, "step"),
+                             ("time_00000080.mat", 80, "time")]:
+        data = (folder / name).read_bytes()
+        marker = json.loads((folder / f"{name}.json").read_text())
+        assert marker["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (marker["size"], marker["step"], marker["kind"]) == (len(data), step, kind)
+        assert data.startswith(b"MATLAB 5.0 MAT-file")  # -v7, not Octave's text format
+    assert (folder / "last.txt").read_text() == "time_00000080.mat\n"
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip a byte":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    elif how == "garbage marker":
+        Path(f"{path}.json").write_text('{"step": 5, "kind": "st')
+    elif how == "no marker":
+        Path(f"{path}.json").unlink()
+
+
+def test_resume_skips_every_damaged_newer_checkpoint_with_a_line(octave, tmp_path):
+    folder = tmp_path / "checkpoints"
+    saves = "".join(f"ckpt_save('{folder}', struct('step', {s}, 'x', rand(40)), {s});"
+                    for s in (1, 2, 3, 4, 5))
+    run_octave(saves, tmp_path)
+    damage(folder / "step_00000005.mat", "truncate")
+    damage(folder / "step_00000004.mat", "flip a byte")
+    damage(folder / "step_00000003.mat", "garbage marker")
+    damage(folder / "step_00000002.mat", "no marker")
+    output = run_octave(f"[c, info] = ckpt_load_latest('{folder}');"
+                        "printf('LOADED %s %d\\n', info.name, c.step);", tmp_path)
+    assert "LOADED step_00000001.mat 1" in output
+    assert re.search(r"skipped corrupt checkpoint: step_00000005.mat: \d+ bytes on disk", output)
+    assert ("skipped corrupt checkpoint: step_00000004.mat: sha256 does not match"
+            in output)
+    # no readable marker: never a candidate, so no line either (cleaned up at start-up)
+    assert "step_00000003.mat" not in output and "step_00000002.mat" not in output
+
+
+def test_the_rng_continues_in_a_new_process_exactly(octave, tmp_path):
+    """The second Octave process has its own fresh generator: only the restored state
+    can make it draw what the first process would have drawn next."""
+    folder = tmp_path / "checkpoints"
+    draws = "printf('%.17g ', [rand(1, 3), randn(1, 3), randi(1000, 1, 3)]);"
+    first = run_octave(f"rng(11); randn(1, 123); ckpt_save('{folder}', "
+                       f"struct('rng', ckpt_rng_state()), 123); {draws}", tmp_path)
+    second = run_octave(f"c = ckpt_load_latest('{folder}'); ckpt_restore_rng_state(c.rng);"
+                        f"{draws}", tmp_path)
+    unrestored = run_octave(f"c = ckpt_load_latest('{folder}'); {draws}", tmp_path)
+    assert second.split() == first.split()
+    assert unrestored.split() != first.split()
+
+
+def test_debris_of_a_killed_save_is_removed_and_the_run_still_matches(octave, tmp_path):
+    reference, folder = tmp_path / "reference", tmp_path / "checkpoints"
+    simulate(reference, tmp_path)
+    simulate(folder, tmp_path, steps=600)  # a shorter first run: its step 600 is saved
+    (folder / ".tmp-step_00000800.mat").write_bytes(b"half a save")
+    (folder / "step_00000700.mat").write_bytes(b"renamed, marker never written")
+    output = simulate(folder, tmp_path)
+    assert "removed unfinished save .tmp-step_00000800.mat" in output
+    assert "removed unfinished save step_00000700.mat" in output
+    assert "resumed from step_00000600.mat (step 600)" in output
+    assert (folder / "result.txt").read_bytes() == (reference / "result.txt").read_bytes()
+    names = sorted(p.name for p in folder.glob("*.mat"))
+    assert names == ["step_00001200.mat", "step_00001400.mat", "step_00001500.mat"]  # keep 3
+
+
+SAVE_LOOP = """
+folder = '{folder}';
+ckpt_remove_unfinished(folder);
+for step = 1:100000
+  data = rand(200000, 1);
+  ckpt_save(folder, struct('step', step, 'data', data, 'total', sum(data)), step);
+  ckpt_rotate(folder, 2);
+  printf('saved %d\\n', step); fflush(stdout);
+end
+"""
+
+
+def test_sigkill_inside_saves_never_prevents_a_resume(octave, tmp_path):
+    """SIGKILL at random moments of a loop that does nothing but save 1.6 MB checkpoints:
+    after every kill the newest valid checkpoint loads and its data is whole."""
+    folder = tmp_path / "checkpoints"
+    code = f"addpath('{MATLAB_DIR}');" + SAVE_LOOP.format(folder=folder)
+    rng = random.Random(3)
+    for attempt in range(3):
+        log = tmp_path / f"saver-{attempt}.out"
+        with open(log, "w") as out:
+            saver = subprocess.Popen(["octave-cli", "--no-history", "--eval", code],
+                                     stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.monotonic() + 60
+        while "saved" not in log.read_text() and time.monotonic() < deadline:
+            assert saver.poll() is None, log.read_text()
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.4))
+        saver.send_signal(signal.SIGKILL)
+        assert saver.wait(timeout=30) == -signal.SIGKILL
+        output = run_octave(f"[c, info] = ckpt_load_latest('{folder}');"
+                            "assert(c.step == info.step && sum(c.data) == c.total);"
+                            "printf('RESUMED %d\\n', c.step);", tmp_path)
+        assert "RESUMED" in output, output
+
+
+# ------------------------------------------------------------------ job.sbatch, its shell logic
+def fake_command(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/bash\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("matlab_exit, job_id, scontrol, expected_exit, expected_line", [
+    (0, None, True, 0, "== MATLAB finished"),
+    (75, None, True, 75, "== not in a Slurm job: nothing to requeue"),
+    (75, "4242", True, 3, "== requeued job 4242; the next run resumes"),
+    (75, "42; touch pwned", True, 75, "refusing to requeue: '42; touch pwned' is not a Slurm job id"),
+    (75, "4242", False, 75, "== scontrol is not on PATH"),
+    (75, "4242", "broken", 75, "== scontrol requeue 4242 failed: resubmit"),
+    (1, "4242", True, 1, "== MATLAB failed with exit code 1"),
+])
+def test_job_sbatch_maps_exit_codes_and_requeues(matlab_exit, job_id, scontrol, expected_exit,
+                                                 expected_line, tmp_path):
+    """The batch shell's decisions, with stand-ins for MATLAB and scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("rm", "touch", "date", "hostname"):  # all job.sbatch runs besides MATLAB
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    matlab = fake_command(tmp_path / "fake-matlab",
+                          f'printf "%s\\n" "$@" > {tmp_path}/matlab-args; exit {matlab_exit}')
+    if scontrol:
+        fake_command(bin_dir / "scontrol", f'echo "$@" > {tmp_path}/scontrol-args'
+                     + ("; exit 1" if scontrol == "broken" else ""))
+    env = {"PATH": str(bin_dir), "MATLAB_CMD": f"{matlab} -batch", "HOME": str(tmp_path)}
+    if job_id is not None:
+        env["SLURM_JOB_ID"] = job_id
+    result = subprocess.run(["/bin/bash", str(MATLAB_DIR / "job.sbatch")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == expected_exit and expected_line in output, output
+    matlab_args = (tmp_path / "matlab-args").read_text().splitlines()
+    assert matlab_args[0] == "-batch"
+    assert matlab_args[1].startswith("exit(example_simulation('checkpoints', 'stop_file', '")
+    requeued = (tmp_path / "scontrol-args")
+    assert (requeued.read_text() if requeued.exists() else None) == (
+        "requeue 4242\n" if expected_exit == 3 or scontrol == "broken" else None)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_sigterm_of_its_own_requeue_does_not_change_the_exit_code(tmp_path):
+    """`scontrol requeue` from inside a job sends SIGTERM to the batch shell at once; the
+    shell must still exit 3 and leave no flag file behind for the next run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("rm", "touch", "date", "hostname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    matlab = fake_command(tmp_path / "fake-matlab", "exit 75")
+    fake_command(bin_dir / "scontrol", "kill -TERM $PPID")  # what Slurm does, at once
+    stop_file = tmp_path / "stop-flag"
+    env = {"PATH": str(bin_dir), "MATLAB_CMD": str(matlab), "HOME": str(tmp_path),
+           "SLURM_JOB_ID": "77", "STOP_FILE": str(stop_file)}
+    result = subprocess.run(["/bin/bash", str(MATLAB_DIR / "job.sbatch")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3 and "== requeued job 77" in output, output
+    assert not stop_file.exists()
+
+
+# ------------------------------------------------------------------ real signals
+def project_folder(tmp_path: Path) -> Path:
+    """A folder holding the kit the way a user copies it next to job.sbatch."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for path in [*MATLAB_DIR.glob("*.m"), MATLAB_DIR / "job.sbatch"]:
+        shutil.copy(path, project / path.name)
+    return project
+
+
+def job_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "MATLAB_CMD": OCTAVE_CMD,
+            "RUN_ARGS": run_args(step_seconds=SLOW_STEP), **extra}
+
+
+def run_job_until(project: Path, attempt: int, stop_at: int | None, sig: signal.Signals):
+    """bash job.sbatch; with stop_at, signal the batch shell once the job has printed that
+    step. Returns (exit code, this run's output)."""
+    log = project / f"run-{attempt}.out"
+    with open(log, "w") as out:
+        shell = subprocess.Popen(["bash", "job.sbatch"], cwd=project, env=job_env(),
+                                 stdout=out, stderr=subprocess.STDOUT)
+    if stop_at is not None:
+        deadline = time.monotonic() + 60
+        while last_step(log) < stop_at:
+            assert shell.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        shell.send_signal(sig)
+    return shell.wait(timeout=120), log.read_text()
+
+
+@pytest.mark.integration
+def test_job_interrupted_by_real_signals_ends_like_an_uninterrupted_run(octave, tmp_path):
+    reference = tmp_path / "reference"
+    simulate(reference, tmp_path)
+    project = project_folder(tmp_path)
+    interruptions = [(300, signal.SIGUSR1), (650, signal.SIGTERM), (1000, signal.SIGUSR1)]
+    resumed_at = []
+    for attempt, (step, sig) in enumerate(interruptions):
+        code, output = run_job_until(project, attempt, step, sig)
+        assert code == 75, output
+        assert f"batch shell: got {sig.name[3:]}, asking MATLAB to save and stop" in output
+        assert "not in a Slurm job" in output
+        saved = re.search(r"stop requested: saved (preempt_(\d+)\.mat)", output)
+        assert saved and int(saved[2]) >= step, output
+        resumed_at.append(saved[1])
+    code, output = run_job_until(project, len(interruptions), None, signal.SIGUSR1)
+    assert code == 0 and "== MATLAB finished" in output, output
+    assert f"resumed from {resumed_at[-1]}" in output
+    for attempt in (1, 2):
+        assert f"resumed from {resumed_at[attempt - 1]}" in (project / f"run-{attempt}.out").read_text()
+    result = project / "checkpoints" / "result.txt"
+    assert result.read_bytes() == (reference / "result.txt").read_bytes()
+
+
+# ------------------------------------------------------------------ the real Slurm
+@pytest.mark.slurm
+@pytest.mark.integration
+def test_slurm_job_is_signalled_requeued_and_ends_like_an_uninterrupted_run(octave, slurm,
+                                                                          tmp_path):
+    reference = tmp_path / "reference"
+    simulate(reference, tmp_path)
+    project = project_folder(tmp_path)
+    job_id = slurm.submit(project / "job.sbatch", project, MATLAB_CMD=OCTAVE_CMD,
+                          RUN_ARGS=run_args(step_seconds=SLOW_STEP))
+    output_file = project / f"ckpt-matlab-{job_id}.out"
+    slurm.wait_until(lambda: last_step(output_file) >= 300, 90, f"job {job_id} at step 300")
+    slurm.signal_batch(job_id, "USR1")
+
+    job = slurm.wait_final(job_id, timeout=120)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert f"== requeued job {job_id}; the next run resumes" in output
+    assert "SLURM_RESTART_COUNT=1" in output and "resumed from preempt_" in output
+    result = project / "checkpoints" / "result.txt"
+    assert result.read_bytes() == (reference / "result.txt").read_bytes(), output
