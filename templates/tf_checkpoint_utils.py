@@ -30,11 +30,15 @@ Folder layout::
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import errno
 import faulthandler
+import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import platform
 import re
@@ -108,6 +112,53 @@ def verify_tf_checkpoint(marker: Path) -> dict:
     return meta
 
 
+def marked_steps(directory: Path) -> list[int]:
+    """Steps of the checkpoints in ``directory`` that have a marker, newest first."""
+    steps = [int(m[1]) for p in Path(directory).iterdir()
+             if (m := _MARKER_PATTERN.match(p.name))]
+    return sorted(steps, reverse=True)
+
+
+def restore_newest_valid(checkpoint: tf.train.Checkpoint, directory: str | Path, *,
+                         move_damaged: bool = True) -> int | None:
+    """Restore the newest checkpoint in ``directory`` whose files match their marker and
+    return its step (None: nothing restored). A damaged one is skipped with a warning and,
+    with ``move_damaged``, moved to ``corrupt/``; workers that only read a folder another
+    process owns pass ``move_damaged=False``."""
+    directory = Path(directory)
+    for step in marked_steps(directory) if directory.is_dir() else []:
+        prefix = directory / f"{PREFIX}-{step}"
+        try:
+            verify_tf_checkpoint(directory / f"{PREFIX}-{step}{MARKER_SUFFIX}")
+        except CorruptCheckpointError as error:
+            log.warning("skipping %s: %s", prefix.name, error)
+            if move_damaged:
+                quarantine_checkpoint(directory, step)
+            continue
+        try:
+            checkpoint.restore(str(prefix)).assert_consumed()
+        except AssertionError as error:  # the file is fine; the objects do not match it
+            raise CheckpointError(
+                f"{prefix.name} does not fit the objects being restored: {error}. Did the "
+                "model change? Is the optimizer built "
+                "(optimizer.build(model.trainable_variables)) before the restore?"
+            ) from None
+        log.info("resumed from %s (step %d)", prefix.name, step)
+        return step
+    log.info("no checkpoint in %s: starting fresh", directory)
+    return None
+
+
+def quarantine_checkpoint(directory: Path, step: int) -> None:
+    """Move a damaged checkpoint's files and marker to ``corrupt/``."""
+    target = directory / CORRUPT_DIR
+    target.mkdir(exist_ok=True)
+    for path in [*checkpoint_files(directory / f"{PREFIX}-{step}"),
+                 directory / f"{PREFIX}-{step}{MARKER_SUFFIX}"]:
+        if path.exists():
+            os.replace(path, target / path.name)
+
+
 class VerifiedCheckpointManager:
     """``tf.train.CheckpointManager`` plus completion markers and a verified resume.
 
@@ -161,9 +212,7 @@ class VerifiedCheckpointManager:
 
     def valid_steps(self) -> list[int]:
         """Steps of the checkpoints that have a marker, newest first (not yet verified)."""
-        steps = [int(m[1]) for p in self.directory.iterdir()
-                 if (m := _MARKER_PATTERN.match(p.name))]
-        return sorted(steps, reverse=True)
+        return marked_steps(self.directory)
 
     def restore_latest(self) -> int | None:
         """Restore the newest checkpoint whose files match their marker; return its step,
@@ -171,35 +220,7 @@ class VerifiedCheckpointManager:
         ``corrupt/`` with a warning. Build the optimizer before calling this
         (``optimizer.build(model.trainable_variables)``): Keras creates its slots lazily,
         and a restore into slots that do not exist yet would silently drop them."""
-        for step in self.valid_steps():
-            prefix = self.directory / f"{PREFIX}-{step}"
-            try:
-                verify_tf_checkpoint(self.marker_path(step))
-            except CorruptCheckpointError as error:
-                log.warning("skipping %s: %s", prefix.name, error)
-                self.quarantine(step)
-                continue
-            try:
-                self.checkpoint.restore(str(prefix)).assert_consumed()
-            except AssertionError as error:  # the file is fine; the objects do not match it
-                raise CheckpointError(
-                    f"{prefix.name} does not fit the objects being restored: {error}. Did the "
-                    "model change? Is the optimizer built "
-                    "(optimizer.build(model.trainable_variables)) before the restore?"
-                ) from None
-            log.info("resumed from %s (step %d)", prefix.name, step)
-            return step
-        log.info("no checkpoint in %s: starting fresh", self.directory)
-        return None
-
-    def quarantine(self, step: int) -> None:
-        """Move a damaged checkpoint's files and marker to ``corrupt/``."""
-        target = self.directory / CORRUPT_DIR
-        target.mkdir(exist_ok=True)
-        for path in [*checkpoint_files(self.directory / f"{PREFIX}-{step}"),
-                     self.marker_path(step)]:
-            if path.exists():
-                os.replace(path, target / path.name)
+        return restore_newest_valid(self.checkpoint, self.directory)
 
     def remove_unfinished_saves(self) -> None:
         """Delete what a killed save left: TensorFlow's ``ckpt-N_temp`` folders, this
@@ -330,22 +351,113 @@ class InvalidJobIdError(CheckpointError, ValueError):
     """A Slurm job id is not of the form 123 or 123_4 and will not be passed on."""
 
 
-class _HashingWriter:
-    """A file wrapper that hashes the bytes on their way to disk, so the checksum costs
-    no second read of the file."""
+class _StreamingHashWriter:
+    """A file opened for writing that hashes the bytes on their way to disk (no second
+    read for the checksum) and keeps up with a fast disk.
 
-    def __init__(self, file):
-        self.file = file
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+    The bytes are copied into one of two reused, page-aligned 64 MiB buffers; a full buffer
+    is hashed and written by two threads at once (hashlib and os.write release the GIL)
+    while the caller fills the other. The file is opened with O_DIRECT where the file
+    system allows it: the bytes skip the page cache, so a save neither evicts the
+    training data from memory nor slows down when memory is cold, and the final fsync
+    has little left to do. Where O_DIRECT is refused (tmpfs, some network file systems),
+    the same code writes through the page cache.
+    """
+
+    BUFFER_BYTES = 64 << 20
+    ALIGN = 4096  # O_DIRECT needs aligned addresses, sizes and offsets
+    _buffers: list = []  # kept between saves: touching new memory is slow on some nodes
+    _buffers_lock = threading.Lock()
+
+    def __init__(self, path: Path):
+        direct = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd, self.direct = os.open(path, flags | direct, 0o644), bool(direct)
+        except OSError:
+            self.fd, self.direct = os.open(path, flags, 0o644), False
+        self._buffers_lock.acquire()  # one save at a time uses the shared buffers
+        try:
+            if len(self._buffers) < 2 or len(self._buffers[0]) < self.BUFFER_BYTES:
+                # Anonymous maps are page-aligned, and cost only the pages that are used.
+                self._buffers[:] = [mmap.mmap(-1, self.BUFFER_BYTES) for _ in range(2)]
+        except BaseException:
+            self._buffers_lock.release()
+            os.close(self.fd)
+            raise
+        self.sha256, self.size = hashlib.sha256(), 0
+        self._current, self._spare = self._buffers
+        self._filled = 0
+        self._in_flight: list = []
+        self._threads = concurrent.futures.ThreadPoolExecutor(2)
 
     def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += memoryview(data).nbytes
-        return self.file.write(data)
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            n = min(len(view), self.BUFFER_BYTES - self._filled)
+            self._current[self._filled:self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == self.BUFFER_BYTES:
+                self._send_full_buffer()
+        self.size += total
+        return total
+
+    def _send_full_buffer(self) -> None:
+        self._wait()  # the spare buffer is free, and hashing stays in order
+        chunk = memoryview(self._current)[:self.BUFFER_BYTES]
+        self._in_flight = [self._threads.submit(self.sha256.update, chunk),
+                           self._threads.submit(self._write_all, chunk)]
+        self._current, self._spare = self._spare, self._current
+        self._filled = 0
+
+    def _wait(self) -> None:
+        for future in self._in_flight:
+            future.result()  # raises the thread's error (ENOSPC, ...) here
+        self._in_flight = []
+
+    def _write_all(self, chunk: memoryview) -> None:
+        while chunk:
+            try:
+                written = os.write(self.fd, chunk)
+            except OSError as error:
+                if not (self.direct and error.errno == errno.EINVAL):
+                    raise
+                self._stop_direct()  # the file system opened O_DIRECT but refuses it
+                continue
+            chunk = chunk[written:]
+
+    def _stop_direct(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL,
+                    fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+        self.direct = False
 
     def flush(self) -> None:
-        self.file.flush()
+        """Write out everything so far (the last part without O_DIRECT: its size is not
+        a multiple of the block size)."""
+        self._wait()
+        tail = memoryview(self._current)[:self._filled]
+        self.sha256.update(tail)
+        aligned = len(tail) - len(tail) % self.ALIGN
+        self._write_all(tail[:aligned])
+        if self.direct:
+            self._stop_direct()
+        self._write_all(tail[aligned:])
+        self._filled = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __enter__(self) -> "_StreamingHashWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._threads.shutdown(wait=True)
+        finally:
+            os.close(self.fd)
+            self._buffers_lock.release()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -379,11 +491,10 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> tuple[str, i
     path = Path(path)
     tmp = _temp_path(path)
     try:
-        with open(tmp, "wb") as raw:
-            writer = _HashingWriter(raw)
+        with _StreamingHashWriter(tmp) as writer:
             write(writer)
-            raw.flush()
-            os.fsync(raw.fileno())
+            writer.flush()
+            os.fsync(writer.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # keep the error that made the save fail
@@ -446,6 +557,12 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def reinstall(self) -> None:
+        """Put the handler back over one that a library installed since, unseen by
+        Python: TensorFlow's multi-worker runtime installs its own SIGTERM handler."""
+        for sig in self.signals:
+            signal.signal(sig, self._handle)
 
     def ignore_further_signals(self) -> None:
         """Ignore this handler's signals for the rest of the process (used on the way out)."""

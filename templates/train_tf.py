@@ -166,11 +166,17 @@ def train(args, preemption: PreemptionHandler) -> int:
     manager.save(int(step))  # the last checkpoint holds the final state
     # Finished: a signal from now on must not turn exit 0 into a kill.
     preemption.ignore_further_signals()
-    elapsed = time.monotonic() - started
-    log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
-             int(step), manager.save_count, manager.save_seconds, elapsed,
-             100 * manager.save_seconds / max(elapsed, 1e-9))
+    log_finished(int(step), manager, started)
     return EXIT_FINISHED
+
+
+def log_finished(steps: int, manager: VerifiedCheckpointManager, started: float) -> None:
+    """The closing line: how much of the run's time went into checkpoint saves."""
+    elapsed = time.monotonic() - started
+    logging.getLogger("train").info(
+        "finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)", steps,
+        manager.save_count, manager.save_seconds, elapsed,
+        100 * manager.save_seconds / max(elapsed, 1e-9))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 
 import pytest
 
@@ -18,6 +19,8 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import chaos_bench  # noqa: E402
+import interrupted_run  # noqa: E402
+from compare_tf_checkpoints import tf_checkpoint_differences  # noqa: E402
 import tf_checkpoint_utils as kit  # noqa: E402
 from conftest import TEMPLATES  # noqa: E402
 
@@ -179,6 +182,34 @@ def test_tf_template_survives_kills_signals_and_damage_bitwise(tmp_path, capsys,
     summary = json.loads(report.read_text())["summary"]
     assert code == 0 and summary["mismatches"] == 0 and summary["problems"] == 0, printed
     assert summary["faults_landed"] == len(kinds), printed
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+def test_two_workers_interrupted_three_ways_end_bitwise_identical(tmp_path, python_exe):
+    """MultiWorkerMirroredStrategy, 2 CPU workers: a signal to one worker only (both must
+    stop after the same step), a signal to the other one, and a kill of both (the resume
+    starts from the last periodic save); the final checkpoint equals an uninterrupted run's."""
+    def run(folder, interruptions):
+        command = [python_exe, str(TEMPLATES / "train_tf_multiworker.py"), "--ckpt-dir",
+                   str(folder), "--steps", "48", "--save-every-steps", "10",
+                   "--log-every", "1", "--batch-size", "32", "--no-requeue",
+                   "--simulate-step-seconds", "0.05"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TEMPLATES)}
+        return interrupted_run.run_until_finished(command, interruptions, env=env,
+                                                  world_size=2, timeout=120)
+
+    run(tmp_path / "reference", [])
+    attempts = run(tmp_path / "resumed", [
+        interrupted_run.Interruption(8, signal.SIGUSR1, ranks=[1]),
+        interrupted_run.Interruption(19, signal.SIGTERM, ranks=[0]),
+        interrupted_run.Interruption(34, signal.SIGKILL)])
+    assert [a.exit_codes for a in attempts[:3]] == [[75, 75], [75, 75], [-9, -9]]
+    resumed_from = [a.resumed_from for a in attempts]
+    assert resumed_from[1:3] == [attempts[0].last_step, attempts[1].last_step]
+    assert resumed_from[3] == 30, "a kill resumes from the newest periodic save"
+    assert "another worker was signalled" in "\n".join(attempts[0].output)
+    assert tf_checkpoint_differences(tmp_path / "reference", tmp_path / "resumed") == []
 
 
 # ----------------------------------------------------------------------------- Keras fit
