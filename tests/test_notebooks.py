@@ -1,0 +1,208 @@
+"""The instructors' notebooks (notebooks/*.ipynb): each one runs top to bottom under nbval
+and gives the outputs stored in it, and the stored outputs are clean.
+
+Why strict nbval with a sanitize file, not --nbval-lax: in strict mode every code cell's
+output is compared unless the cell opts out, so a cell that starts printing something else
+("bitwise identical: False", an exit code 1 instead of 75, a new warning) fails the test,
+also in cells nobody thought of marking. The cells whose output truly varies (the step a
+signal lands on, the kit's source code, which other people edit) opt out one by one with
+`# NBVAL_IGNORE_OUTPUT` and a reason, and notebooks/nbval-sanitize.cfg hides the few
+values that change inside otherwise fixed output (durations, hashes, temp paths, versions,
+TensorFlow's C++ log lines). With --nbval-lax only the cells marked NBVAL_CHECK_OUTPUT
+would be compared, and a new cell would be checked for nothing but not raising.
+nbval 0.11 never compares image/png or image/jpeg data (only with --nbdime), so the plots'
+PNG bytes, which vary, are not compared; their text/plain part ("<Figure ...>") is.
+
+Two failures nbval cannot see, checked here on the stored and on freshly executed outputs:
+the Octave kernel reports `error: ...` as ordinary output, and IRkernel shows an R error as
+a stream or as an error output depending on where it happens.
+
+To store new outputs after changing a notebook (from the repository root):
+    .venv/bin/jupyter execute --inplace notebooks/01-basic-checkpoint.ipynb
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.notebooks, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+SANITIZE = NOTEBOOKS / "nbval-sanitize.cfg"
+
+
+def notebooks_in_table_of_contents() -> list[str]:
+    """The notebook paths listed in myst.yml (the site's table of contents)."""
+    text = (REPO / "myst.yml").read_text()
+    return re.findall(r"file:\s*(notebooks/\S+\.ipynb)", text)
+
+
+NOTEBOOK_PATHS = notebooks_in_table_of_contents()
+KERNEL_OF = {"python3": "python", "ir": "R", "octave": "octave"}
+
+
+def read_notebook(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def kernel_name(notebook: dict) -> str:
+    return notebook["metadata"]["kernelspec"]["name"]
+
+
+def output_texts(notebook: dict) -> list[tuple[int, str]]:
+    """(cell number, text) of every text output: streams, text/plain, error outputs."""
+    found = []
+    for number, cell in enumerate(notebook["cells"]):
+        for output in cell.get("outputs", []):
+            kind = output["output_type"]
+            if kind == "stream":
+                found.append((number, "".join(output["text"])))
+            elif kind == "error":
+                found.append((number, "\n".join([f"{output['ename']}: {output['evalue']}",
+                                                 *output.get("traceback", [])])))
+            else:
+                for mime, value in output.get("data", {}).items():
+                    if mime.startswith("text/"):
+                        found.append((number, "".join(value)))
+    return found
+
+
+# Lines that mean a notebook failed although nbval may pass it.
+ERROR_LINES = {
+    "python3": [re.compile(r"Traceback \(most recent call last\)")],
+    # The Octave kernel prints an error as ordinary output: "error: boom".
+    "octave": [re.compile(r"(?m)^error: ")],
+    # An R error: "Error in f(): ..." or "Error: ..." (also inside IRkernel's display).
+    "ir": [re.compile(r"(?m)^Error( in |:)")],
+}
+
+
+def error_problems(notebook: dict) -> list[str]:
+    """Error outputs, and lines that show an error the kernel did not report as one."""
+    problems = []
+    for number, cell in enumerate(notebook["cells"]):
+        for output in cell.get("outputs", []):
+            if output["output_type"] == "error":
+                problems.append(f"cell {number}: error output {output['ename']}: "
+                                f"{output['evalue']}")
+    patterns = ERROR_LINES.get(kernel_name(notebook), []) + ERROR_LINES["python3"]
+    for number, text in output_texts(notebook):
+        for pattern in patterns:
+            if match := pattern.search(text):
+                line = text[match.start():].splitlines()[0]
+                problems.append(f"cell {number}: {line!r}")
+    return problems
+
+
+def machine_paths() -> list[str]:
+    """Absolute paths of this machine that must never appear in a stored output."""
+    paths = {str(REPO), str(Path.home()), "/tmp/", "/work/", "/root/"}
+    return sorted(p for p in paths if p not in ("/", ""))
+
+
+def test_every_notebook_of_the_table_of_contents_exists():
+    assert len(NOTEBOOK_PATHS) == 7, f"myst.yml lists {NOTEBOOK_PATHS}"
+    missing = [path for path in NOTEBOOK_PATHS if not (REPO / path).is_file()]
+    assert not missing, f"listed in myst.yml but not in the repository: {missing}"
+    unlisted = sorted(p.relative_to(REPO).as_posix() for p in NOTEBOOKS.glob("*.ipynb")
+                      if p.relative_to(REPO).as_posix() not in NOTEBOOK_PATHS)
+    assert not unlisted, f"notebooks missing from myst.yml's table of contents: {unlisted}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS)
+def test_stored_outputs_are_clean(path):
+    """Every code cell was run and stored its output; no errors, no machine paths."""
+    notebook = read_notebook(REPO / path)
+    code_cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    unrun = [i for i, c in enumerate(code_cells) if c.get("execution_count") is None]
+    assert not unrun, f"{path}: code cells {unrun} were never run: store their outputs"
+    assert code_cells[-1].get("outputs"), f"{path}: the last code cell shows no result"
+    problems = error_problems(notebook)
+    for number, text in output_texts(notebook):
+        for machine_path in machine_paths():
+            if machine_path in text:
+                problems.append(f"cell {number}: the output names {machine_path!r}")
+    assert not problems, f"{path}:\n" + "\n".join(problems)
+    last_cell = notebook["cells"][-1]
+    assert last_cell["cell_type"] == "markdown" and "Key points" in "".join(
+        last_cell["source"]), f"{path}: the last cell is not the Key points"
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS)
+def test_printed_kit_source_is_the_kits_current_source(path):
+    """A cell that prints kit code with inspect.getsource is not compared by nbval (its
+    comments may change), so its stored output would go stale, and the site would show
+    old code. It must still be a piece of a template as the template is now: re-run the
+    notebook (`.venv/bin/jupyter execute --inplace NOTEBOOK`) after changing that code."""
+    templates = [file.read_text() for file in (REPO / "templates").glob("*.py")]
+    stale = []
+    for cell in read_notebook(REPO / path)["cells"]:
+        if cell["cell_type"] == "code" and "inspect.getsource(" in "".join(cell["source"]):
+            printed = "".join("".join(output.get("text", "")) for output in cell["outputs"]
+                              if output.get("output_type") == "stream").strip()
+            if not any(printed in text for text in templates):
+                stale.append(cell.get("id", "?"))
+    assert not stale, f"{path}: cells {stale} show kit code that is no longer in templates/"
+
+
+def require_kernel(kernel: str) -> None:
+    if kernel == "ir" and shutil.which("R") is None:
+        pytest.skip("R is not installed: scripts/install-debian-packages r")
+    if kernel == "octave" and shutil.which("octave-cli") is None:
+        pytest.skip("Octave is not installed: scripts/install-debian-packages octave")
+
+
+def run_nbval(notebook: Path, kernel: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run one notebook under strict nbval in a pytest of its own (nbval's cells are
+    pytest items; a nested run keeps them out of this session's collection)."""
+    command = [sys.executable, "-m", "pytest", "--nbval", str(notebook),
+               "--nbval-sanitize-with", str(SANITIZE), "-p", "no:cacheprovider",
+               "-o", "addopts=", "-q", "--nbval-cell-timeout", "120"]
+    if kernel == "python3":
+        command.append("--nbval-current-env")  # this interpreter, the one with the kit's packages
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # The kernels start Rscript, octave-cli, python: the venv's bin first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS)
+def test_notebook_runs_and_gives_its_stored_outputs(path):
+    notebook = REPO / path
+    kernel = kernel_name(read_notebook(notebook))
+    require_kernel(kernel)
+    started = time.monotonic()
+    result = run_nbval(notebook, kernel)
+    seconds = time.monotonic() - started
+    print(f"{path}: nbval took {seconds:.1f} s")
+    assert result.returncode == 0, (
+        f"{path} fails under nbval (exit {result.returncode}, {seconds:.1f} s):\n"
+        f"{result.stdout[-12000:]}\n{result.stderr[-3000:]}")
+    assert seconds < 120, f"{path} took {seconds:.0f} s under nbval; keep it under a minute"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOK_PATHS if "06-r" in p or "07-matlab" in p])
+def test_executed_outputs_show_no_r_or_octave_error(path, tmp_path):
+    """nbval passes an Octave cell that printed `error: ...` (and an R error printed to a
+    stream) when the stored output says the same: execute the notebook afresh and look."""
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    notebook_path = REPO / path
+    notebook = nbformat.read(notebook_path, as_version=4)
+    require_kernel(kernel_name(notebook))
+    client = nbclient.NotebookClient(notebook, timeout=120, allow_errors=True,
+                                     resources={"metadata": {"path": str(notebook_path.parent)}})
+    client.execute()
+    problems = error_problems(json.loads(nbformat.writes(notebook)))
+    assert not problems, f"{path}, executed now:\n" + "\n".join(problems)
