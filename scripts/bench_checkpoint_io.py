@@ -1,0 +1,308 @@
+"""How fast does a checkpoint reach the disk and come back? The kit's verified save and
+load side by side with the disk's own limit and with what users would pick instead.
+
+    make bench          # 1 GB state, 3 repeats  -> out/bench/
+    make bench-quick    # 100 MB state, 3 repeats, under a minute
+    python scripts/bench_checkpoint_io.py --size 500MB --repeats 5 --dir /scratch/me
+
+Every figure is the time of the whole operation, fsync included for saves, and is also
+given as a ratio to the raw O_DIRECT write (saves) or read (loads) of the same bytes,
+measured in the same run on the same file system: ratios travel between machines better
+than GB/s. The page cache is dropped before every load and every save when running as
+root (otherwise loads may come from memory, and the report says so).
+
+The state is shaped like a small transformer (embeddings, attention and MLP matrices,
+norms), float32, on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "templates"))
+import checkpoint_utils as kit  # noqa: E402
+from checkpoint_interval import parse_bytes  # noqa: E402
+
+CHUNK = 64 << 20  # the I/O size of the raw baselines
+
+
+# ----------------------------------------------------------------------------- the state
+def transformer_state(nbytes: int) -> dict[str, torch.Tensor]:
+    """Float32 tensors shaped like a transformer's, about ``nbytes`` in all."""
+    width = 1024 if nbytes >= 200e6 else 512 if nbytes >= 50e6 else 256
+    vocab = 8 * width
+    per_layer = 12 * width * width + 4 * width  # qkv, proj, mlp up and down, two norms
+    layers = max(1, round((nbytes / 4 - 2 * vocab * width) / per_layer))
+    state, generator = {}, torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    state["embed.weight"] = tensor(vocab, width)
+    for i in range(layers):
+        state[f"layers.{i}.attn.qkv"] = tensor(3 * width, width)
+        state[f"layers.{i}.attn.proj"] = tensor(width, width)
+        state[f"layers.{i}.mlp.up"] = tensor(4 * width, width)
+        state[f"layers.{i}.mlp.down"] = tensor(width, 4 * width)
+        for norm in ("norm1", "norm2"):
+            state[f"layers.{i}.{norm}.weight"] = tensor(width)
+            state[f"layers.{i}.{norm}.bias"] = tensor(width)
+    state["head.weight"] = tensor(vocab, width)
+    return state
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ----------------------------------------------------------------------------- raw I/O
+def _aligned_buffer() -> mmap.mmap:
+    return mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
+
+
+def raw_direct_write(state: dict, path: Path, buffer: mmap.mmap) -> None:
+    """The tensors' bytes, back to back, through one aligned buffer with O_DIRECT."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        filled = 0
+        for tensor in state.values():
+            view = memoryview(tensor.numpy()).cast("B")
+            while view:
+                n = min(len(view), CHUNK - filled)
+                buffer[filled:filled + n] = view[:n]
+                filled, view = filled + n, view[n:]
+                if filled == CHUNK:
+                    os.write(fd, buffer)
+                    filled = 0
+        filled = math.ceil(filled / 4096) * 4096  # padded: O_DIRECT writes whole blocks
+        if filled:
+            os.write(fd, memoryview(buffer)[:filled])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def buffered_write(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        for tensor in state.values():
+            f.write(memoryview(tensor.numpy()).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def raw_direct_read(path: Path, buffer: mmap.mmap) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        while os.readv(fd, [buffer]) == CHUNK:
+            pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the ways
+def torch_save_fsync(state: dict, path: Path, crc: bool = True) -> None:
+    from torch.utils.serialization import config
+    with config.patch({"save.compute_crc32": crc}), open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def safetensors_available() -> bool:
+    return importlib.util.find_spec("safetensors") is not None
+
+
+def safetensors_save(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file(state, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def dcp_save(state: dict, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=str(folder))
+    for file in folder.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def dcp_load(state: dict, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder))
+
+
+def tensors_of(checkpoint: dict) -> dict:
+    return {name: value for name, value in checkpoint.items() if torch.is_tensor(value)}
+
+
+def touch_all(tensors: dict) -> None:
+    """Read every byte (an mmap load reads lazily: the time must include the reads)."""
+    for tensor in tensors.values():
+        tensor.sum()
+
+
+# ----------------------------------------------------------------------------- harness
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(operation: Callable[[], None], repeats: int, before: Callable[[], None]) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        before()
+        started = time.perf_counter()
+        operation()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
+    state = transformer_state(size)
+    nbytes = state_bytes(state)
+    buffer = _aligned_buffer()
+    buffer.write(b"\0" * CHUNK)  # pre-touched: the first use must not pay for the pages
+    dropped = drop and drop_caches()
+    saves, loads = {}, {}
+    paths = {name: folder / name for name in
+             ("raw.bin", "buffered.bin", "torch.pt", "nocrc.pt", "model.safetensors")}
+
+    def clean() -> None:
+        if dropped:
+            drop_caches()
+
+    def measure(table: dict, name: str, operation: Callable[[], None]) -> None:
+        print(f"  {name} ...", end="", flush=True)
+        table[name] = timed(operation, repeats, clean)
+        print(f" {min(table[name]):.3f} s", flush=True)
+
+    print(f"state: {len(state)} tensors, {nbytes / 1e6:.0f} MB; folder {folder}; "
+          f"page cache {'dropped before each run' if dropped else 'NOT dropped (not root)'}")
+    print("saves:")
+    measure(saves, "raw O_DIRECT write", lambda: raw_direct_write(state, paths["raw.bin"], buffer))
+    measure(saves, "buffered write + fsync", lambda: buffered_write(state, paths["buffered.bin"]))
+    measure(saves, "torch.save + fsync", lambda: torch_save_fsync(state, paths["torch.pt"]))
+    measure(saves, "torch.save without CRC32 + fsync",
+            lambda: torch_save_fsync(state, paths["nocrc.pt"], crc=False))
+    if safetensors_available():
+        measure(saves, "safetensors + fsync", lambda: safetensors_save(state, paths["model.safetensors"]))
+    dcp_folder = folder / "dcp"
+
+    def fresh_dcp_save() -> None:
+        shutil.rmtree(dcp_folder, ignore_errors=True)
+        dcp_save(state, dcp_folder)
+    measure(saves, "DCP save", fresh_dcp_save)
+    manager = kit.CheckpointManager(folder / "kit", keep=1, keep_time=0)
+    step = iter(range(1, 10**6))
+    measure(saves, "kit: verified save", lambda: manager.save(state, step=next(step), epoch=0))
+
+    print("loads:")
+    measure(loads, "raw O_DIRECT read", lambda: raw_direct_read(paths["raw.bin"], buffer))
+    measure(loads, "torch.load", lambda: torch.load(paths["torch.pt"], weights_only=True))
+    measure(loads, "torch.load mmap=True, every byte read",
+            lambda: touch_all(torch.load(paths["torch.pt"], weights_only=True, mmap=True)))
+    if safetensors_available():
+        from safetensors.torch import load_file
+        measure(loads, "safetensors", lambda: load_file(str(paths["model.safetensors"])))
+    target = {name: torch.empty_like(t) for name, t in state.items()}
+    measure(loads, "DCP load", lambda: dcp_load(target, dcp_folder))
+    measure(loads, "kit: verified load, every byte read",
+            lambda: touch_all(tensors_of(manager.load_latest())))
+    return {"bytes": nbytes, "tensors": len(state), "repeats": repeats,
+            "page_cache_dropped": dropped, "folder": str(folder),
+            "saves": saves, "loads": loads}
+
+
+# ----------------------------------------------------------------------------- report
+def rows(report: dict, kind: str, baseline: str) -> list[dict]:
+    best = min(report[kind][baseline])
+    return [{"way": name, "min_s": min(times), "median_s": statistics.median(times),
+             "gb_per_s": report["bytes"] / min(times) / 1e9, "ratio": best / min(times)}
+            for name, times in report[kind].items()]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"State: {report['bytes'] / 1e6:.0f} MB in {report['tensors']} float32 tensors; "
+             f"{report['repeats']} repeats; page cache "
+             f"{'dropped before each' if report['page_cache_dropped'] else 'not dropped'}.", ""]
+    for kind, baseline in (("saves", "raw O_DIRECT write"), ("loads", "raw O_DIRECT read")):
+        lines += [f"| {kind[:-1]} | min s | median s | GB/s | x {baseline} |", "|---|---|---|---|---|"]
+        for row in rows(report, kind, baseline):
+            lines.append(f"| {row['way']} | {row['min_s']:.3f} | {row['median_s']:.3f} | "
+                         f"{row['gb_per_s']:.2f} | {row['ratio']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (kind, baseline) in zip(axes, (("saves", "raw O_DIRECT write"),
+                                           ("loads", "raw O_DIRECT read"))):
+        table = rows(report, kind, baseline)
+        ax.barh([r["way"] for r in table], [r["gb_per_s"] for r in table],
+                color=["tab:green" if r["way"].startswith("kit") else "tab:gray" for r in table])
+        ax.invert_yaxis()
+        ax.set_xlabel("GB/s (best of repeats)")
+        ax.set_title(f"{kind}, {report['bytes'] / 1e6:.0f} MB")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=parse_bytes, default=parse_bytes("1GB"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", type=Path, default=REPO / "out" / "bench",
+                   help="where to write (the file system you want to measure)")
+    p.add_argument("--out", type=Path, default=REPO / "out" / "bench",
+                   help="where the report goes (NAME.json, NAME.md, NAME.png)")
+    p.add_argument("--name", default="report", help="file name of the report, without suffix")
+    p.add_argument("--keep-page-cache", action="store_true",
+                   help="do not drop the page cache (it slows down everything else running)")
+    args = p.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=args.dir) as scratch:
+        with contextlib.redirect_stderr(sys.stdout):
+            report = run(args.size, args.repeats, Path(scratch), drop=not args.keep_page_cache)
+    written = args.out / args.name
+    written.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    written.with_suffix(".md").write_text(table + "\n")
+    plot(report, written.with_suffix(".png"))
+    print("\n" + table)
+    print(f"written: {written}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""scripts/bench_checkpoint_io.py runs every way it compares and reports them sanely."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench_checkpoint_io as bench
+
+pytestmark = pytest.mark.integration
+
+
+def test_transformer_state_has_about_the_size_asked_for():
+    for size in (20e6, 300e6):
+        assert abs(bench.state_bytes(bench.transformer_state(int(size))) / size - 1) < 0.2
+
+
+def test_a_small_run_measures_every_way_and_writes_its_report(tmp_path, capsys):
+    code = bench.main(["--size", "8MB", "--repeats", "1", "--dir", str(tmp_path / "disk"),
+                       "--out", str(tmp_path / "report"), "--keep-page-cache"])
+    assert code == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {"raw O_DIRECT write", "torch.save + fsync", "DCP save",
+            "kit: verified save"} <= set(report["saves"])
+    assert {"raw O_DIRECT read", "torch.load", "kit: verified load, every byte read"} <= set(report["loads"])
+    assert all(seconds > 0 for times in report["saves"].values() for seconds in times)
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| kit: verified save |" in table and "x raw O_DIRECT write" in table
+    assert (tmp_path / "report" / "report.png").stat().st_size > 0
+    assert list((tmp_path / "disk").iterdir()) == [], "the scratch folder is removed"
