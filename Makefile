@@ -3,13 +3,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo chaos test test-fast grade starters clean
+.PHONY: help setup demo chaos bench bench-quick test test-fast grade starters site site-serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup:  ## create .venv with everything the demo and the tests need (re-runnable)
-	@scripts/setup-venv test tensorflow
+setup:  ## install everything the demo and the tests need (re-runnable, seconds when done)
+	@scripts/install-debian-packages r octave browser || echo "setup: the tests that need these will be skipped"
+	@scripts/setup-venv test tensorflow r docs notebooks bench
 
 demo: ## train, interrupt with real signals, resume, prove bitwise-identical weights
 	@scripts/setup-venv
@@ -26,6 +27,12 @@ chaos: ## fault-injection bench: make chaos [FAULTS=100] [RANKS=2] [SEED=n] -> o
 		$(PY) $(CHAOS_TRAIN) --ckpt-dir {ckpt_dir} --steps 400 --save-every-steps 40 \
 		--log-every 1 --no-requeue
 
+bench: setup  ## checkpoint I/O: the kit vs the disk's limit and the usual ways, 1 GB -> out/bench/
+	@$(PY) scripts/bench_checkpoint_io.py --size 1GB --repeats 3
+
+bench-quick: setup  ## the same at 100 MB, in under a minute
+	@$(PY) scripts/bench_checkpoint_io.py --size 100MB --repeats 3
+
 test: setup  ## the whole test suite (installs what it needs first)
 	@scripts/run-tests $(PYTEST_ARGS)
 
@@ -38,6 +45,13 @@ grade: setup  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.
 
 starters:  ## regenerate the exercise starters from the templates
 	@$(PY) scripts/make_starters.py
+
+site: setup  ## build the guides and notebooks into out/site, offline (warnings fail it)
+	@scripts/build-site
+
+PORT ?= 8000
+site-serve: site  ## build the site and serve it: make site-serve [PORT=8000], open http://127.0.0.1:8000
+	@$(PY) -m http.server --bind 127.0.0.1 --directory out/site $(PORT)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf out .pytest_cache

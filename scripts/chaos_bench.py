@@ -80,6 +80,7 @@ class Fault(Interruption):
     armed: bool = False   # waiting for a save to begin
     _watcher: "SaveWatcher | None" = dataclasses.field(default=None, repr=False)
     _timers: list = dataclasses.field(default_factory=list, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def started(self, attempt: Attempt, processes) -> None:
         if self.kind == "signal-at-start":
@@ -89,6 +90,11 @@ class Fault(Interruption):
                 self.delay, lambda: self._fire(attempt, processes)))
 
     def progressed(self, attempt: Attempt, processes) -> None:
+        if self.kind == "signal-at-start":
+            # Start-up took less than the drawn delay: the first step is still "at start",
+            # and a timer left to run might fire after a short resumed run has ended.
+            self._fire(attempt, processes)
+            return
         if self.landed or self.armed or attempt.last_step < self.at_step:
             return
         if self.kind.endswith("-in-save"):
@@ -113,8 +119,11 @@ class Fault(Interruption):
             self.detail += ": " + corrupt_newest_checkpoint(self.ckpt_dir, self.detail)
 
     def _fire(self, attempt: Attempt, processes) -> None:
-        if not self.landed:
-            self.landed = True
+        with self._lock:  # a timer thread and the reading thread may both fire
+            if self.landed:
+                return
+            # Landed only if a process was still there to receive it.
+            self.landed = any(process.poll() is None for process in processes)
             self.send(attempt, processes, self.signal)
 
     def _later(self, seconds: float, action) -> None:

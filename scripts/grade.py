@@ -5,6 +5,12 @@ points earned and, for every failed check, what was done, what was expected and 
     make grade EX=ex01 FILE=~/my_utils.py      # another file
     python scripts/grade.py ex01 --json result.json
     make grade EX=ex01 TASK=2                  # only task 2, while you work on it
+    make grade EX=r-ex01                       # the R track's ex01 (r/exercises/ex01-*/)
+
+Exercises are named by number, with the track in front for the other languages: ex01 is
+exercises/ex01-*, r-ex04 is r/exercises/ex04-*, matlab-ex01 is matlab/exercises/ex01-*.
+A MATLAB exercise's work is a folder of ckpt_*.m files (one function per file): FILE
+names that folder, by default the exercise's own.
 
 The last line printed is `score: <earned>/<possible>`; the exit code is 0 only at full
 marks. A task's points are shared equally by its checks.
@@ -19,15 +25,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from make_starters import EXERCISES, REPO, load_exercise
+from make_starters import REPO, all_exercises
 
 
 def find_exercise(name: str) -> dict:
-    matches = sorted(EXERCISES.glob(f"{name}*"))
-    if len(matches) != 1 or not (matches[0] / "exercise.toml").exists():
-        known = ", ".join(p.name.split("-")[0] for p in sorted(EXERCISES.glob("ex*")))
+    exercises = all_exercises()
+    matches = [e for e in exercises if e["name"] == name]
+    if len(matches) != 1:
+        known = ", ".join(e["name"] for e in exercises)
         sys.exit(f"grade: no exercise {name!r} (known: {known})")
-    return load_exercise(matches[0])
+    return matches[0]
 
 
 def run_checks(exercise: dict, learner_file: Path, tasks: list[int] | None = None) -> list[dict]:
@@ -37,6 +44,8 @@ def run_checks(exercise: dict, learner_file: Path, tasks: list[int] | None = Non
         record = Path(scratch) / "checks.json"
         env = {**os.environ, "GRADE_FILE": str(learner_file), "GRADE_AS": exercise["starter"],
                "GRADE_WITH": " ".join(exercise.get("grade_with", [])),
+               "GRADE_TEMPLATE": str(REPO / exercise["template"]),
+               "GRADE_LANGUAGE": exercise["language"],
                "PYTHONPATH": str(REPO / "scripts")}
         command = [sys.executable, "-m", "pytest", str(exercise["folder"] / "test_grader.py"),
                    "-p", "grading", "--grade-json", str(record), "-q", "--no-header",
@@ -82,9 +91,9 @@ def print_report(exercise: dict, learner_file: Path, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("exercise", help="ex01, ex02, ...")
-    parser.add_argument("--file", type=Path, help="the file to grade (default: the "
-                        "exercise's own starter file, which you edit)")
+    parser.add_argument("exercise", help="ex01, ex02, ..., r-ex01, ...")
+    parser.add_argument("--file", type=Path, help="the file to grade, or for MATLAB the "
+                        "folder (default: the exercise's own starter, which you edit)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
     parser.add_argument("--task", type=int, action="append", dest="tasks",
                         help="grade only this task (repeatable): quicker while you work on it")

@@ -17,24 +17,37 @@ learner's file, so that a mistake in one task never costs the points of another.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 
-from make_starters import _find_function, load_exercise
+from make_starters import LANGUAGES, _find_function, load_exercise
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
+
+
+def reference_template() -> Path:
+    """The reference solution of the exercise being graded: GRADE_TEMPLATE (set by
+    scripts/grade.py), else templates/<GRADE_AS>. GRADE_WITH files sit beside it."""
+    template = os.environ.get("GRADE_TEMPLATE")
+    return Path(template) if template else TEMPLATES / os.environ["GRADE_AS"]
+
+
+def grade_language() -> str:
+    return os.environ.get("GRADE_LANGUAGE", "python")
 
 
 def content_key(*parts: Path | str) -> str:
@@ -95,7 +108,7 @@ def learner_dir(tmp_path_factory) -> Path:
     source = Path(os.environ["GRADE_FILE"])
     folder = tmp_path_factory.mktemp("learner")
     for name in os.environ.get("GRADE_WITH", "").split():
-        shutil.copy(TEMPLATES / name, folder / name)
+        shutil.copy(reference_template().parent / name, folder / name)
     shutil.copy(source, folder / os.environ["GRADE_AS"])
     return folder
 
@@ -151,9 +164,13 @@ def write_hybrid_kit(folder: Path, functions: Sequence[str]) -> Path:
     top-level functions, classes and constants that the reference lacks are appended, so
     that helpers of their own keep working.
     """
-    reference = (TEMPLATES / os.environ["GRADE_AS"]).read_text()
+    if LANGUAGES[grade_language()].file_per_function:
+        return _write_folder_kit(folder, functions)
+    reference = reference_template().read_text()
     learner_file = Path(os.environ["GRADE_FILE"])
     learner = learner_file.read_text()
+    if grade_language() != "python":
+        return _write_kit(folder, _hybrid_by_spans(reference, learner, functions))
     ours, theirs = ast.parse(reference), ast.parse(learner, filename=learner_file.name)
     lines, their_lines = reference.splitlines(), learner.splitlines()
     swaps = []
@@ -176,12 +193,67 @@ def write_hybrid_kit(folder: Path, functions: Sequence[str]) -> Path:
                      and getattr(node, "module", None) != "__future__")
         if is_import or (_top_level_names(ast.Module([node], [])) - known):
             lines += [""] + their_lines[_first_line(node) - 1:node.end_lineno]
+    return _write_kit(folder, "\n".join(lines) + "\n")
+
+
+def _write_kit(folder: Path, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in os.environ.get("GRADE_WITH", "").split():
-        shutil.copy(TEMPLATES / name, folder / name)
+        shutil.copy(reference_template().parent / name, folder / name)
     kit = folder / os.environ["GRADE_AS"]
-    kit.write_text("\n".join(lines) + "\n")
+    kit.write_text(text)
     return kit
+
+
+def _hybrid_by_spans(reference: str, learner: str, functions: Sequence[str]) -> str:
+    """write_hybrid_kit for the other languages, by the rules of make_starters.LANGUAGES:
+    each function's whole definition is swapped for the learner's, and the learner's
+    top-level functions that the reference lacks (helpers of their own) are appended."""
+    rules = LANGUAGES[grade_language()]
+    lines, their_lines = reference.splitlines(), learner.splitlines()
+    swaps = []
+    for name in functions:
+        try:
+            mine = rules.find(learner, name)
+        except LookupError:
+            raise AssertionError(f"your file has no function {name}: keep the names and "
+                                 "signatures of the starter") from None
+        original = rules.find(reference, name)
+        swaps.append((original.start, original.end, their_lines[mine.start:mine.end + 1]))
+    for start, end, block in sorted(swaps, reverse=True):
+        lines[start:end + 1] = block
+    for name in set(rules.function_names(learner)) - set(rules.function_names(reference)):
+        span = rules.find(learner, name)
+        lines += [""] + their_lines[span.start:span.end + 1]
+    return "\n".join(lines) + "\n"
+
+
+def learner_folder() -> Path:
+    """The learner's folder of a file_per_function (MATLAB) exercise: GRADE_FILE, or the
+    folder of GRADE_FILE when it names one of the files."""
+    given = Path(os.environ["GRADE_FILE"])
+    return given if given.is_dir() else given.parent
+
+
+def _write_folder_kit(folder: Path, functions: Sequence[str]) -> Path:
+    """write_hybrid_kit for a kit of one function per file (MATLAB): every file of the
+    reference kit's folder, with <name>.m of each function in ``functions`` taken from the
+    learner's folder (with the local functions it holds), and the learner's own .m files
+    that the kit lacks (helpers). Returns the folder."""
+    reference, learner = reference_template(), learner_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in reference.glob("*.m"):
+        shutil.copy(path, folder / path.name)
+    for name in functions:
+        mine = learner / f"{name}.m"
+        if not mine.is_file():
+            raise AssertionError(f"{learner} has no {name}.m: keep the starter's files, "
+                                 "their names and their function lines")
+        shutil.copy(mine, folder / mine.name)
+    for mine in learner.glob("*.m"):
+        if not (reference / mine.name).exists():
+            shutil.copy(mine, folder / mine.name)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -189,19 +261,217 @@ def _task_kits() -> dict:
     return {}
 
 
+@pytest.fixture(scope="session")
+def _task_kit_files() -> dict:
+    return {}
+
+
 @pytest.fixture
-def task_kit(request, tmp_path_factory, _task_kits):
-    """The kit a check of task N runs (N from its ``task`` marker): the hybrid of
-    ``write_hybrid_kit`` with task N's functions, as exercise.toml lists them, imported
-    as a module. Its folder, ``Path(task_kit.__file__).parent``, also holds the
-    GRADE_WITH scripts: a training process started there runs the same code."""
+def task_kit_file(request, tmp_path_factory, _task_kit_files) -> Path:
+    """The path of the kit a check of task N runs (N from its ``task`` marker), in any
+    language: the hybrid of ``write_hybrid_kit`` with task N's functions, as
+    exercise.toml lists them, beside the GRADE_WITH files. For a MATLAB exercise the kit
+    is a folder, and this is that folder."""
     number = request.node.get_closest_marker("task").args[0]
-    if number not in _task_kits:
+    if number not in _task_kit_files:
         tasks = load_exercise(request.path.parent)["tasks"]
         functions = next(t["functions"] for t in tasks if t["number"] == number)
-        kit = write_hybrid_kit(tmp_path_factory.mktemp(f"task{number}-kit"), functions)
-        _task_kits[number] = _import_file(kit, f"task{number}_{kit.stem}")
+        _task_kit_files[number] = write_hybrid_kit(
+            tmp_path_factory.mktemp(f"task{number}-kit"), functions)
+    return _task_kit_files[number]
+
+
+@pytest.fixture
+def task_kit(request, task_kit_file, _task_kits):
+    """``task_kit_file`` imported as a module (Python exercises). Its folder,
+    ``Path(task_kit.__file__).parent``, also holds the GRADE_WITH scripts: a training
+    process started there runs the same code."""
+    number = request.node.get_closest_marker("task").args[0]
+    if number not in _task_kits:
+        _task_kits[number] = _import_file(task_kit_file, f"task{number}_{task_kit_file.stem}")
     return _task_kits[number]
+
+
+# ----------------------------------------------------------------------------- R graders
+R_CHECK = """\
+options(warn = 1, checkpoint.fsync = FALSE)  # fsync is not graded: keep grading quick
+# grader_try(expr): the value of expr, or list(error = its message) when it fails; a
+# starter's stop("TODO ...") still goes through, so that it reads as "not implemented".
+grader_try <- function(expr) {{
+  tryCatch(expr, error = function(e) {{
+    if (startsWith(conditionMessage(e), "TODO ")) stop(e)
+    list(error = conditionMessage(e))
+  }})
+}}
+.grader_value <- tryCatch({{
+  .grader_where <- "loading your file"
+  source({kit})
+  .grader_where <- "the check"
+  {code}
+}}, error = function(e) structure(list(where = .grader_where, message = conditionMessage(e)),
+                                  class = "grader_error"))
+if (inherits(.grader_value, "grader_error")) {{
+  cat("GRADER-ERROR", jsonlite::toJSON(unclass(.grader_value), auto_unbox = TRUE), "\\n")
+  quit(save = "no", status = 3)
+}}
+cat("GRADER-VALUE", jsonlite::toJSON(.grader_value, auto_unbox = TRUE, digits = NA,
+                                     null = "null"), "\\n")
+"""
+
+
+@dataclasses.dataclass
+class RResult:
+    value: Any     # what the check's R code returned, through JSON
+    messages: str  # what R wrote to stderr: message(), warnings
+
+
+def run_r(kit: Path, code: str, *, cwd: Path | None = None, timeout: float = 30) -> RResult:
+    """Source ``kit`` in a fresh Rscript, run ``code`` (R; its value goes back as JSON),
+    and return the value and R's messages. An R error becomes NotImplementedError when it
+    is a starter's ``stop("TODO ...")``, else an AssertionError that names it."""
+    script = Path(tempfile.mkdtemp(prefix="r-check-")) / "check.R"
+    script.write_text(R_CHECK.format(kit=json.dumps(str(kit)), code=code))
+    try:
+        run = subprocess.run(["Rscript", str(script)], cwd=cwd or script.parent, text=True,
+                             capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"your code did not finish within {timeout:.0f} s") from None
+    finally:
+        shutil.rmtree(script.parent, ignore_errors=True)
+    for line in run.stdout.splitlines():
+        if line.startswith("GRADER-ERROR "):
+            error = json.loads(line.removeprefix("GRADER-ERROR "))
+            if error["message"].startswith("TODO "):
+                raise NotImplementedError(error["message"].removeprefix("TODO "))
+            raise AssertionError(f"your code stopped with an error in {error['where']}: "
+                                 f"{error['message']}")
+        if line.startswith("GRADER-VALUE "):
+            return RResult(json.loads(line.removeprefix("GRADER-VALUE ")), run.stderr)
+    raise AssertionError(f"R ended without a result (exit {run.returncode}): "
+                         f"{(run.stderr or run.stdout).strip()[-1500:]}")
+
+
+# ----------------------------------------------------------------------------- Octave graders
+# One octave-cli runs every probe of a task: Octave starts in a fraction of a second, but a
+# grading of twenty checks that each start one would still take seconds. Each probe is a
+# function of a script file, so it starts with an empty workspace; what it returns comes
+# back through JSON, with what it printed.
+OCTAVE_CHECK = """\
+1;  % a script: the functions below are the grader's helpers and probes
+warning('off', 'Octave:shadowed-function');  % the grader's spies shadow built-ins on purpose
+confirm_recursive_rmdir(false);
+crash_dumps_octave_core(false);
+addpath({kit});
+{helpers}
+function grader_report(name, record)
+  record.name = name;
+  printf('GRADER-RESULT %s\\n', jsonencode(record));
+  fflush(stdout);
+end
+{probes}
+for grader_i = 1:{count}
+  grader_name = sprintf('grader_probe_%d', grader_i);
+  try
+    grader_printed = evalc(['grader_value = ' grader_name '();']);
+    grader_report(grader_name, struct('value', {{grader_value}}, 'printed', grader_printed));
+  catch grader_error
+    grader_where = {{}};  % where it happened: the innermost three frames that are not ours
+    for grader_frame = reshape(grader_error.stack, 1, [])
+      if ~strncmp(grader_frame.name, 'grader_', 7) && numel(grader_where) < 3
+        grader_where{{end + 1}} = sprintf('%s line %d', grader_frame.name, grader_frame.line);
+      end
+    end
+    grader_where = strjoin(grader_where, ', called from ');
+    grader_report(grader_name, struct('error', grader_error.message, 'identifier', ...
+                  grader_error.identifier, 'where', grader_where));
+  end
+end
+"""
+
+
+@dataclasses.dataclass
+class OctaveResult:
+    value: Any     # what the probe function returned, through JSON
+    printed: str   # what it printed (ckpt_print, disp, warnings)
+
+
+class OctaveRun:
+    """The results of run_octave, by probe name. ``run[name]`` is an OctaveResult, or
+    raises what the learner needs to read: NotImplementedError for a starter's
+    error('ckpt:todo', 'TODO: ...'), an AssertionError that names any other error."""
+
+    def __init__(self, records: dict[str, dict], failure: str):
+        self.records, self.failure = records, failure
+
+    def __getitem__(self, name: str) -> OctaveResult:
+        record = self.records.get(name)
+        if record is None:
+            raise AssertionError(self.failure or f"Octave gave no result for {name}")
+        if "error" in record:
+            message = record["error"]
+            if record.get("identifier") == "ckpt:todo" or message.startswith("TODO"):
+                raise NotImplementedError(message.removeprefix("TODO: "))
+            where = f" (in {record['where']})" if record.get("where") else ""
+            raise AssertionError(f"your code stopped with an error{where}: {message}")
+        return OctaveResult(record["value"], record["printed"])
+
+
+def run_octave(kit: Path, probes: dict[str, str], *, helpers: str = "",
+               cwd: Path | None = None, timeout: float = 60) -> OctaveRun:
+    """Run every probe in one octave-cli, with the folder ``kit`` first on the path.
+
+    ``probes`` maps a name to the body of a function (Octave code) that sets ``value``;
+    ``helpers`` holds Octave functions every probe may call. A probe that raises does not
+    stop the others; one that never ends costs the rest of its run (``timeout``)."""
+    names = list(probes)
+    bodies = "\n".join(f"function value = grader_probe_{i + 1}()\n{textwrap.dedent(code)}\nend"
+                       for i, code in enumerate(probes.values()))
+    script = Path(tempfile.mkdtemp(prefix="octave-check-")) / "grader_check.m"
+    script.write_text(OCTAVE_CHECK.format(kit=_octave_string(str(kit)), helpers=helpers,
+                                          probes=bodies, count=len(names)))
+    failure = ""
+    try:
+        run = subprocess.run(["octave-cli", "--no-history", "--no-window-system", str(script)],
+                             cwd=cwd or script.parent, text=True, capture_output=True,
+                             timeout=timeout)
+        output = run.stdout
+        if run.returncode != 0:
+            failure = (f"Octave ended early (exit {run.returncode}): "
+                       f"{(run.stderr or run.stdout).strip()[-1500:]}")
+    except subprocess.TimeoutExpired as expired:
+        output = expired.stdout or ""
+        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        failure = (f"your code did not finish within {timeout:.0f} s "
+                   "(a loop that never ends, or a wait?)")
+    finally:
+        shutil.rmtree(script.parent, ignore_errors=True)
+    records = {}
+    for line in output.splitlines():
+        if line.startswith("GRADER-RESULT "):
+            record = json.loads(line.removeprefix("GRADER-RESULT "))
+            records[names[int(record.pop("name").rsplit("_", 1)[1]) - 1]] = record
+    return OctaveRun(records, failure)
+
+
+def _octave_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@pytest.fixture(scope="session")
+def _octave_runs() -> dict:
+    return {}
+
+
+@pytest.fixture
+def octave_task(request, task_kit_file, _octave_runs) -> OctaveRun:
+    """Every probe of the checked task, run once in one octave-cli on the task's hybrid
+    kit. A MATLAB grader declares them in its module: OCTAVE_PROBES, {task number: {name:
+    Octave code}}, and OCTAVE_HELPERS, Octave functions the probes share."""
+    number = request.node.get_closest_marker("task").args[0]
+    if number not in _octave_runs:
+        _octave_runs[number] = run_octave(task_kit_file, request.module.OCTAVE_PROBES[number],
+                                          helpers=getattr(request.module, "OCTAVE_HELPERS", ""))
+    return _octave_runs[number]
 
 
 def learner_message(excinfo) -> str:

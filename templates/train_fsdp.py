@@ -52,6 +52,7 @@ from checkpoint_utils import (
     TrainingProgress,
     atomic_write_bytes,
     requeue_slurm_job,
+    torch_save_without_crc,
 )
 from distributed_utils import (
     DistributedContext,
@@ -246,11 +247,11 @@ def export_full_state(path: Path, model, optimizer, scheduler, progress) -> None
     if dist.get_rank() == 0:
         state = {"step": progress.step, "epoch": progress.epoch, "model": model_state,
                  "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
-        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        atomic_write_bytes(path, lambda f: torch_save_without_crc(state, f))
         log.info("wrote the full state to %s", path)
 
 
-def train(args, ctx: DistributedContext) -> int:
+def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
     device = (torch.device("cuda", ctx.local_rank) if torch.cuda.is_available()
               else torch.device("cpu"))
     seed_all(args.seed)
@@ -292,46 +293,45 @@ def train(args, ctx: DistributedContext) -> int:
     bar = ProgressLine(args.steps, progress.step, args.log_every, enabled=ctx.is_main)
     started = time.monotonic()
     stopped = False
-    with PreemptionHandler() as preemption:
-        model.train()
-        while progress.step < args.steps and not stopped:
-            sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
-            for inputs, targets in loader:
-                inputs, targets = augment(inputs).to(device), targets.to(device)
-                loss = train_step(model, optimizer, scheduler, inputs, targets)
+    model.train()
+    while progress.step < args.steps and not stopped:
+        sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+        for inputs, targets in loader:
+            inputs, targets = augment(inputs).to(device), targets.to(device)
+            loss = train_step(model, optimizer, scheduler, inputs, targets)
 
-                # The step is complete on this rank: only now may the state be saved.
-                epoch_finished = progress.finish_step(steps_per_epoch)
-                progress.metrics["loss"] = loss.item()
-                bar.update(progress, progress.metrics["loss"])
-                saver.poll()  # makes a finished background save final (collective)
+            # The step is complete on this rank: only now may the state be saved.
+            epoch_finished = progress.finish_step(steps_per_epoch)
+            progress.metrics["loss"] = loss.item()
+            bar.update(progress, progress.metrics["loss"])
+            saver.poll()  # makes a finished background save final (collective)
 
-                if progress.step >= args.steps:
-                    break  # finished: a late signal changes nothing
-                kind = schedule.due(step=progress.step, epoch=progress.epoch,
-                                    epoch_finished=epoch_finished)
-                # One collective: a signal to any rank stops every rank after this step.
-                decision = agreement.decide(stop_requested=preemption.requested,
-                                            timer_due=kind == "time")
-                if decision.stop:
-                    log.info("received %s at step %d: saving",
-                             preemption.signal_name or "a signal on another rank",
-                             progress.step)
-                    with EmergencyDeadline(args.emergency_save_timeout):
-                        save("preempt")
-                        saver.wait()
-                    stopped = True
-                    break
-                kind = agreed_save_kind(kind, decision)
-                if kind:
-                    save(kind)
-                if epoch_finished:
-                    break  # start the next epoch with a fresh data order
-        if not stopped:
-            save("step")  # the last checkpoint holds the final state
-            # Finished: a signal from now on must not turn exit 0 into a kill.
-            preemption.ignore_further_signals()
-            saver.wait()  # the run is not finished before its last checkpoint is
+            if progress.step >= args.steps:
+                break  # finished: a late signal changes nothing
+            kind = schedule.due(step=progress.step, epoch=progress.epoch,
+                                epoch_finished=epoch_finished)
+            # One collective: a signal to any rank stops every rank after this step.
+            decision = agreement.decide(stop_requested=preemption.requested,
+                                        timer_due=kind == "time")
+            if decision.stop:
+                log.info("received %s at step %d: saving",
+                         preemption.signal_name or "a signal on another rank",
+                         progress.step)
+                with EmergencyDeadline(args.emergency_save_timeout):
+                    save("preempt")
+                    saver.wait()
+                stopped = True
+                break
+            kind = agreed_save_kind(kind, decision)
+            if kind:
+                save(kind)
+            if epoch_finished:
+                break  # start the next epoch with a fresh data order
+    if not stopped:
+        save("step")  # the last checkpoint holds the final state
+        # Finished: a signal from now on must not turn exit 0 into a kill.
+        preemption.ignore_further_signals()
+        saver.wait()  # the run is not finished before its last checkpoint is
     if stopped:
         return exit_code_after_preemption(preemption, args.requeue)
     elapsed = time.monotonic() - started
@@ -349,7 +349,9 @@ def main(argv=None) -> int:
     ctx = init_distributed()
     set_up_logging(ctx.rank)
     try:
-        return train(args, ctx)
+        # Before the slow start-up (model, resume): a signal from now on sets the flag.
+        with PreemptionHandler() as preemption:
+            return train(args, ctx, preemption)
     finally:
         # FSDP2's modules sit in reference cycles that outlive train(). Freed only at
         # interpreter exit, after the process group is gone, they sometimes abort the

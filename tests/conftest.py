@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process for every test and everything it starts (training runs, ranks,
+# graders, kernels, Slurm jobs). The models are tiny, and the suite runs several processes
+# side by side on 2 cores: two OpenMP threads each, spinning while they wait for one
+# another, made an 8-second training run take over 2 minutes under that load. Runs
+# compared bitwise always run with the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
 SCRIPTS = REPO / "scripts"

@@ -3,21 +3,21 @@ starter gets almost nothing (and never crashes the grader), and every known-wron
 solution loses the points of exactly the task it breaks."""
 from __future__ import annotations
 
-import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
 
 import pytest
 
-from make_starters import REPO, _find_function, all_exercises, starter_for
+from make_starters import REPO, all_exercises, function_file, function_source, starters_for
 
 pytestmark = [pytest.mark.exercises, pytest.mark.integration]
 
 EXERCISES = all_exercises()
-MUTANTS = [pytest.param(ex, m, id=f"{ex['folder'].name.split('-')[0]}: {m['name']}")
+MUTANTS = [pytest.param(ex, m, id=f"{ex['name']}: {m['name']}")
            for ex in EXERCISES if (ex["folder"] / "mutants.toml").exists()
            for m in tomllib.loads((ex["folder"] / "mutants.toml").read_text())["mutant"]]
 
@@ -32,13 +32,14 @@ def shared_reference_runs(tmp_path_factory):
 
 
 def exercise_id(exercise: dict) -> str:
-    return exercise["folder"].name
+    """ex01-basic-checkpoint, r-ex01-basic-checkpoint, ..."""
+    return exercise["name"] + exercise["folder"].name.removeprefix(exercise["name"].split("-")[-1])
 
 
 def grade(exercise: dict, learner_file, tmp_path, tasks=()) -> tuple[dict, subprocess.CompletedProcess]:
     """`scripts/grade.py exNN --file F --json J`, the instructors' contract."""
     result_file = tmp_path / "grade.json"
-    name = exercise["folder"].name.split("-")[0]
+    name = exercise["name"]
     only = [arg for number in tasks for arg in ("--task", str(number))]
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "grade.py"), name, "--file",
                           str(learner_file), "--json", str(result_file), *only],
@@ -49,9 +50,9 @@ def grade(exercise: dict, learner_file, tmp_path, tasks=()) -> tuple[dict, subpr
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=exercise_id)
 def test_committed_starter_is_generated_from_the_template(exercise):
-    path, text = starter_for(exercise)
-    assert path.read_text() == text, (
-        f"{path.relative_to(REPO)} is stale: run `python scripts/make_starters.py`")
+    for path, text in starters_for(exercise):  # one file, or one per function (MATLAB)
+        assert path.exists() and path.read_text() == text, (
+            f"{path.relative_to(REPO)} is stale: run `python scripts/make_starters.py`")
 
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=exercise_id)
@@ -70,27 +71,38 @@ def test_untouched_starter_gets_few_points(exercise, tmp_path):
     assert "not implemented yet" in run.stdout and "Traceback" not in run.stdout
 
 
-def task_sources(source: str, exercise: dict) -> dict[int, list[str]]:
-    """The source of every task's functions, per task number."""
-    tree = ast.parse(source)
-    return {task["number"]: [ast.get_source_segment(source, _find_function(tree, name))
+def task_sources(kit, exercise: dict) -> dict[int, list[str]]:
+    """The source of every task's functions, per task number, in a kit: a file, or a
+    folder of one function per file (MATLAB)."""
+    language = exercise["language"]
+    return {task["number"]: [function_source(function_file(kit, name, language).read_text(),
+                                             name, language)
                              for name in task["functions"]] for task in exercise["tasks"]}
 
 
 @pytest.mark.parametrize("exercise, mutant", MUTANTS)
 def test_known_wrong_solution_loses_exactly_its_task(exercise, mutant, tmp_path):
-    reference = (REPO / exercise["template"]).read_text()
+    template = REPO / exercise["template"]
+    if template.is_dir():
+        # A kit of one function per file (MATLAB): the mutant changes mutant["file"] in a
+        # copy of the whole kit folder, which is graded as the learner's folder.
+        wrong = tmp_path / "kit"
+        shutil.copytree(template, wrong)
+        changed_file = wrong / mutant["file"]
+    else:
+        wrong = changed_file = tmp_path / exercise["starter"]
+        shutil.copy(template, wrong)
+    reference = changed_file.read_text()
     assert reference.count(mutant["find"]) == 1, f"mutant {mutant['name']!r} no longer applies"
-    wrong = tmp_path / exercise["starter"]
-    wrong.write_text(reference.replace(mutant["find"], mutant["replace"]))
+    changed_file.write_text(reference.replace(mutant["find"], mutant["replace"]))
 
     if exercise.get("isolated_tasks"):
         # Every check of these graders runs a hybrid kit: the reference with only the
         # graded task's functions taken from the learner's file. Where a task's functions
         # are untouched, its kit IS the reference kit, which gets full marks (proved
         # above), so only the mutated task needs grading.
-        changed = {n for n, code in task_sources(wrong.read_text(), exercise).items()
-                   if code != task_sources(reference, exercise)[n]}
+        changed = {n for n, code in task_sources(wrong, exercise).items()
+                   if code != task_sources(template, exercise)[n]}
         assert changed == {mutant["task"]}, (
             f"{mutant['name']!r} changes the functions of tasks {sorted(changed)}, "
             f"not only those of task {mutant['task']}")

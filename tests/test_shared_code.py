@@ -40,3 +40,37 @@ def imported_top_level_modules(path) -> set[str]:
 ])
 def test_each_kit_needs_only_its_framework(kit, allowed):
     assert imported_top_level_modules(TEMPLATES / kit) <= allowed
+
+
+def bound_at_top_level(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+@pytest.mark.parametrize("target", sync_shared_code.TARGETS, ids=lambda p: p.name)
+def test_every_name_the_shared_block_uses_exists_in_the_kit_it_was_copied_into(target):
+    """The copy brings code, not imports: a module the shared code starts using (mmap, say)
+    must be imported by every kit that carries the copy, or its first save fails."""
+    import builtins
+
+    block = ast.parse(sync_shared_code.shared_block())
+    local = {node.id for node in ast.walk(block)
+             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    local |= {arg.arg for node in ast.walk(block) if isinstance(node, ast.arguments)
+              for arg in [*node.posonlyargs, *node.args, *node.kwonlyargs,
+                          *filter(None, [node.vararg, node.kwarg])]}
+    local |= {node.name for node in ast.walk(block)
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))
+              and node.name}
+    used = {node.id for node in ast.walk(block)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    missing = used - local - bound_at_top_level(ast.parse(target.read_text())) - set(dir(builtins))
+    assert not missing, f"{target.name} lacks {sorted(missing)} (an import, probably)"

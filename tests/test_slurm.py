@@ -137,6 +137,7 @@ def test_three_preemptions_by_a_higher_priority_job(slurm, tmp_path, reference):
     assert_same_run(reference(500), project / "checkpoints/last.pt", output_file)
 
 
+@pytest.mark.timeout(420)  # a real time limit, its 30-s checks and a requeue: minutes
 def test_time_limit_signal_arrives_before_the_kill(slurm, tmp_path, reference):
     """--time=1 --signal=B:USR1@50: Slurm warns the job 50 s before its one-minute limit
     (its time checks run every 30 s, so the warning comes 10-40 s in); the job saves,
@@ -145,6 +146,7 @@ def test_time_limit_signal_arrives_before_the_kill(slurm, tmp_path, reference):
     args = "--steps 900 --simulate-step-seconds 0.05 --save-every-steps 100 --log-every 50"
     job_id = slurm.submit(project / "preemptible.sbatch", project, "--time=1",
                           "--signal=B:USR1@50", TRAIN_ARGS=args)
+    expected = reference(900)  # computed while the job waits for its time limit
     job = slurm.wait_final(job_id, timeout=300)
     output_file = project / f"ckpt-preemptible-{job_id}.out"
     output = output_file.read_text()
@@ -293,13 +295,15 @@ EXERCISE_JOBS = sorted((TEMPLATES.parent / "exercises").glob("ex*/job.sbatch"))
 @pytest.mark.parametrize("job_file", EXERCISE_JOBS, ids=lambda p: p.parent.name)
 def test_exercise_job_grades_on_the_cluster(job_file, slurm, tmp_path):
     """Each exercise's job.sbatch grades a copy of the exercise holding the reference
-    solution, and so must report full marks."""
+    solution, and so must report full marks. Task 1 only (GRADE_ARGS): the job file and
+    its environment are what is tested here; tests/test_exercises.py grades every task."""
     import tomllib
     exercise = tomllib.loads((job_file.parent / "exercise.toml").read_text())
     folder = tmp_path / job_file.parent.name
     shutil.copytree(job_file.parent, folder)
     shutil.copy(TEMPLATES.parent / exercise["template"], folder / exercise["starter"])
-    job_id = slurm.submit(folder / "job.sbatch", folder, REPO=str(TEMPLATES.parent))
+    job_id = slurm.submit(folder / "job.sbatch", folder, REPO=str(TEMPLATES.parent),
+                          GRADE_ARGS="--task 1")
     job = slurm.wait_final(job_id, timeout=300)
     output = next(folder.glob(f"*-{job_id}.out")).read_text()
     assert job["JobState"] == "COMPLETED", output
@@ -330,5 +334,35 @@ def test_tf_template_under_preemptible_sbatch_requeues_and_resumes(slurm, tmp_pa
     output = output_file.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
     assert "saved and requeued the job" in output and "resumed from ckpt-" in output
+    differences = tf_checkpoint_differences(reference_dir, project / "checkpoints")
+    assert differences == [], "\n".join(differences) + "\n" + output[-3000:]
+
+
+@pytest.mark.tensorflow
+@pytest.mark.distributed
+def test_tf_multiworker_under_srun_is_signalled_and_resumes(slurm, tmp_path, python_exe):
+    """MultiWorkerMirroredStrategy with 2 srun tasks (ddp.sbatch, PROGRAM=...): the workers
+    find each other through Slurm, both get USR1, stop after the same step, the chief
+    requeues, and the resumed job ends like 2 workers that were never stopped."""
+    pytest.importorskip("tensorflow")
+    from compare_tf_checkpoints import tf_checkpoint_differences
+    from interrupted_run import run_until_finished
+
+    args = "--steps 120 --simulate-step-seconds 0.05 --save-every-steps 50 --log-every 10"
+    reference_dir = tmp_path / "reference"
+    run_until_finished([python_exe, str(TEMPLATES / "train_tf_multiworker.py"), "--ckpt-dir",
+                        str(reference_dir), *args.split()], world_size=2,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    project = user_project(tmp_path, "train_tf_multiworker.py", "train_tf.py",
+                           "tf_checkpoint_utils.py", "ddp.sbatch")
+    job_id = slurm.submit(project / "ddp.sbatch", project, PROGRAM="train_tf_multiworker.py",
+                          TRAIN_ARGS=args)
+    output_file = project / f"ckpt-ddp-{job_id}.out"
+    wait_for_step(slurm, output_file, 30, job_id)
+    slurm.run("scancel", "--signal=USR1", job_id)
+    job = slurm.wait_final(job_id, timeout=180)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert "requeued Slurm job" in output and "resumed from ckpt-" in output
     differences = tf_checkpoint_differences(reference_dir, project / "checkpoints")
     assert differences == [], "\n".join(differences) + "\n" + output[-3000:]
