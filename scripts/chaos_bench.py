@@ -632,7 +632,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def replay_command(args) -> str:
-    return shlex.join([sys.executable, sys.argv[0], "--seed", str(args.seed), "--faults",
+    # __file__, not argv[0]: called from pytest, argv[0] is pytest's own entry point.
+    return shlex.join([sys.executable, __file__, "--seed", str(args.seed), "--faults",
                        str(args.faults), "--faults-per-run", str(args.faults_per_run),
                        "--kinds", ",".join(args.kinds), "--ranks", str(args.ranks), "--",
                        *args.command])
