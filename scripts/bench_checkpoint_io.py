@@ -13,6 +13,11 @@ root (otherwise loads may come from memory, and the report says so).
 
 The state is shaped like a small transformer (embeddings, attention and MLP matrices,
 norms), float32, on the CPU.
+
+Two more tables: how long ``CheckpointManager.save_async`` blocks training (the first
+call, into cold memory, apart from the later ones), as a fraction of the kit's
+synchronous save; and whether an emergency save (the synchronous one) fits in the
+``--signal`` lead time, with the largest state that would at the measured rate.
 """
 from __future__ import annotations
 
@@ -220,6 +225,7 @@ def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
     manager = kit.CheckpointManager(folder / "kit", keep=1, keep_time=0)
     step = iter(range(1, 10**6))
     measure(saves, "kit: verified save", lambda: manager.save(state, step=next(step), epoch=0))
+    async_saves = measure_async_save(state, folder / "kit-async", repeats, clean)
 
     print("loads:")
     measure(loads, "raw O_DIRECT read", lambda: raw_direct_read(paths["raw.bin"], buffer))
@@ -231,11 +237,39 @@ def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
         measure(loads, "safetensors", lambda: load_file(str(paths["model.safetensors"])))
     target = {name: torch.empty_like(t) for name, t in state.items()}
     measure(loads, "DCP load", lambda: dcp_load(target, dcp_folder))
+    newest = kit.list_checkpoints(folder / "kit")[-1]
+    measure(loads, "kit: verified load, hash then torch.load (sequential)",
+            lambda: touch_all(tensors_of(load_sequentially(newest))))
     measure(loads, "kit: verified load, every byte read",
             lambda: touch_all(tensors_of(manager.load_latest())))
     return {"bytes": nbytes, "tensors": len(state), "repeats": repeats,
             "page_cache_dropped": dropped, "folder": str(folder),
-            "saves": saves, "loads": loads}
+            "saves": saves, "loads": loads, "async_save": async_saves}
+
+
+def load_sequentially(info: kit.CheckpointInfo) -> dict:
+    """The kit's verified load as it was: the whole sha256 pass, then torch.load."""
+    kit.verify_checkpoint(info)
+    return kit.load_checkpoint_file(info.path)
+
+
+def measure_async_save(state: dict, folder: Path, repeats: int,
+                       before: Callable[[], None]) -> dict:
+    """Time training is blocked in save_async (the first call allocates and touches the
+    buffers; the later ones reuse them), and the time until the background save is done."""
+    manager = kit.CheckpointManager(folder, keep=1, keep_time=0)
+    blocked, finished = [], []
+    print("  kit: async save ...", end="", flush=True)
+    for step in range(1, repeats + 2):  # one cold call, then `repeats` warm ones
+        before()
+        started = time.perf_counter()
+        pending = manager.save_async(state, step=step, epoch=0)
+        pending.wait()
+        finished.append(time.perf_counter() - started)
+        blocked.append(pending.blocked_seconds)
+    print(f" blocked {blocked[0]:.3f} s cold, {min(blocked[1:]):.3f} s warm", flush=True)
+    return {"blocked_cold_s": blocked[0], "blocked_warm_s": blocked[1:],
+            "until_saved_s": finished}
 
 
 # ----------------------------------------------------------------------------- report
@@ -244,6 +278,25 @@ def rows(report: dict, kind: str, baseline: str) -> list[dict]:
     return [{"way": name, "min_s": min(times), "median_s": statistics.median(times),
              "gb_per_s": report["bytes"] / min(times) / 1e9, "ratio": best / min(times)}
             for name, times in report[kind].items()]
+
+
+def async_rows(report: dict) -> tuple[list[dict], float]:
+    """Blocked times of save_async, and the synchronous verified save they compare with."""
+    sync = min(report["saves"]["kit: verified save"])
+    timings = report["async_save"]
+    warm = timings["blocked_warm_s"]
+    return [{"call": "first (cold buffers)", "blocked_s": timings["blocked_cold_s"]},
+            {"call": "later (warm buffers), best", "blocked_s": min(warm)},
+            {"call": "later (warm buffers), median", "blocked_s": statistics.median(warm)}], sync
+
+
+def emergency_figures(report: dict, lead_seconds: float, spare_seconds: float) -> dict:
+    """The synchronous verified save against the --signal lead time."""
+    seconds = min(report["saves"]["kit: verified save"])
+    rate = report["bytes"] / seconds
+    return {"save_s": seconds, "rate_gb_s": rate / 1e9, "lead_s": lead_seconds,
+            "spare_s": spare_seconds, "fits": seconds + spare_seconds <= lead_seconds,
+            "largest_gb": rate * (lead_seconds - spare_seconds) / 1e9}
 
 
 def markdown(report: dict) -> str:
@@ -256,7 +309,28 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['way']} | {row['min_s']:.3f} | {row['median_s']:.3f} | "
                          f"{row['gb_per_s']:.2f} | {row['ratio']:.2f} |")
         lines.append("")
+    lines += async_markdown(report) + emergency_markdown(report)
     return "\n".join(lines)
+
+
+def async_markdown(report: dict) -> list[str]:
+    table, sync = async_rows(report)
+    lines = [f"| async save: training blocked | s | x kit: verified save ({sync:.3f} s) |",
+             "|---|---|---|"]
+    lines += [f"| {row['call']} | {row['blocked_s']:.3f} | {row['blocked_s'] / sync:.3f} |"
+              for row in table]
+    done = min(report["async_save"]["until_saved_s"])
+    return lines + ["", f"The background save was done {done:.3f} s after the call "
+                        "(best of the calls).", ""]
+
+
+def emergency_markdown(report: dict) -> list[str]:
+    row = report["emergency_save"]
+    return [f"| emergency save (synchronous) | s | GB/s | fits in {row['lead_s']:g} s with "
+            f"{row['spare_s']:g} s to spare? | largest state that fits |",
+            "|---|---|---|---|---|",
+            f"| {report['bytes'] / 1e6:.0f} MB | {row['save_s']:.3f} | {row['rate_gb_s']:.2f} | "
+            f"{'yes' if row['fits'] else 'no'} | {row['largest_gb']:.0f} GB |", ""]
 
 
 def plot(report: dict, path: Path) -> None:
@@ -286,6 +360,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench",
                    help="where the report goes (NAME.json, NAME.md, NAME.png)")
     p.add_argument("--name", default="report", help="file name of the report, without suffix")
+    p.add_argument("--signal-lead", type=float, default=120.0,
+                   help="seconds Slurm's --signal gives before the kill (the templates: 120)")
+    p.add_argument("--spare", type=float, default=30.0,
+                   help="seconds of the lead kept for the last step and the exit")
     p.add_argument("--keep-page-cache", action="store_true",
                    help="do not drop the page cache (it slows down everything else running)")
     args = p.parse_args(argv)
@@ -294,6 +372,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-", dir=args.dir) as scratch:
         with contextlib.redirect_stderr(sys.stdout):
             report = run(args.size, args.repeats, Path(scratch), drop=not args.keep_page_cache)
+    report["emergency_save"] = emergency_figures(report, args.signal_lead, args.spare)
     written = args.out / args.name
     written.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

@@ -26,5 +26,26 @@ def test_a_small_run_measures_every_way_and_writes_its_report(tmp_path, capsys):
     assert all(seconds > 0 for times in report["saves"].values() for seconds in times)
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| kit: verified save |" in table and "x raw O_DIRECT write" in table
+    assert "| kit: verified load, hash then torch.load (sequential) |" in table
     assert (tmp_path / "report" / "report.png").stat().st_size > 0
     assert list((tmp_path / "disk").iterdir()) == [], "the scratch folder is removed"
+
+
+def test_report_has_the_async_and_emergency_rows(tmp_path):
+    bench.main(["--size", "4MB", "--repeats", "2", "--dir", str(tmp_path / "disk"),
+                "--out", str(tmp_path / "report"), "--keep-page-cache", "--signal-lead", "60",
+                "--spare", "20"])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    timings = report["async_save"]
+    assert timings["blocked_cold_s"] > 0 and len(timings["blocked_warm_s"]) == 2
+    assert all(0 < blocked < done for blocked, done in
+               zip([timings["blocked_cold_s"], *timings["blocked_warm_s"]],
+                   timings["until_saved_s"]))
+    emergency = report["emergency_save"]
+    sync = min(report["saves"]["kit: verified save"])
+    assert emergency["save_s"] == sync and emergency["fits"] is True
+    assert emergency["largest_gb"] == pytest.approx(report["bytes"] / sync * 40 / 1e9)
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| first (cold buffers) |" in table and "| later (warm buffers), best |" in table
+    assert "fits in 60 s with 20 s to spare? |" in table
+    assert f"| {report['bytes'] / 1e6:.0f} MB | {sync:.3f} |" in table
