@@ -1,5 +1,14 @@
-"""Preflight check for a preemption-safe Slurm job: run it once in your job, in place of
-training, before you trust the job with a week of compute.
+"""Start-up checks for a Slurm training job: functions your training script calls before
+it spends any compute, and a preflight CLI to run once in your job before you trust it with
+a week of compute. Needs checkpoint_utils.py beside it.
+
+In your training script (see train_with_checkpoint.py)::
+
+    from preflight import EXIT_STORAGE_UNUSABLE, check_checkpoint_storage, log_job_context
+    log_job_context(args.ckpt_dir)            # one block: job id, restarts, time left, signal
+    check_checkpoint_storage(args.ckpt_dir, expected_bytes, keep=args.keep)  # or exit 7
+
+As a CLI, in place of training:
 
     sbatch --export=ALL,PROGRAM=preflight.py preemptible.sbatch
     # or in your own sbatch file: python preflight.py --ckpt-dir checkpoints --state-mb 2000
@@ -14,12 +23,20 @@ It checks, for real, inside the job:
   6. the signal reaches this process: it asks Slurm to send it now, the way Slurm will at
      the time limit, and waits for it (a foreground child behind a trap, or torchrun with
      SIGUSR1, fails here).
-Exit code 0 when nothing failed. Needs checkpoint_utils.py beside it.
+Exit code 0 when nothing failed.
+
+Exit code of a training script whose checkpoint storage is unusable (document it in your
+job beside the kit's 0, 3, 4 and 75):
+    7   the checkpoint folder cannot be written or is too small   (EXIT_STORAGE_UNUSABLE)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -30,21 +47,45 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_utils import CheckpointManager, PreemptionHandler
+from checkpoint_utils import (CHECKPOINT_SUFFIX, KIND_NAME_FORMAT, TEMP_PREFIX, CheckpointError,
+                              CheckpointManager, PreemptionHandler, fsync_directory,
+                              list_checkpoints, marker_path, read_last_pointer)
 
-results: list[tuple[str, str, str]] = []  # (PASS/WARN/FAIL, check, detail)
+EXIT_STORAGE_UNUSABLE = 7
+
+log = logging.getLogger("job")
+
+# --------------------------------------------------------------------------- Slurm commands
+class SlurmCommandError(Exception):
+    """A Slurm command could not answer: not on PATH, timed out, or refused."""
 
 
-def report(status: str, check: str, detail: str) -> None:
-    results.append((status, check, detail))
-    print(f"{status:4}  {check}: {detail}", flush=True)
+def slurm_command(command: str, *args: str, timeout: float = 15.0) -> str:
+    """The output of a Slurm command (scontrol, squeue, scancel), run with an argument
+    list, never through a shell. Raises ``SlurmCommandError`` saying why not: inside a
+    container the commands are often missing, and a busy controller can be slow."""
+    executable = shutil.which(command)
+    if executable is None:
+        raise SlurmCommandError(f"{command} is not on PATH (inside a container?)")
+    try:
+        result = subprocess.run([executable, *args], capture_output=True, text=True,
+                                timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise SlurmCommandError(f"{command} did not answer within {timeout:g} s") from None
+    except OSError as error:
+        raise SlurmCommandError(f"{command} could not run: {error}") from None
+    if result.returncode != 0:
+        raise SlurmCommandError(f"{command} {' '.join(args)} failed: "
+                                f"{(result.stderr or result.stdout).strip()}")
+    return result.stdout
 
 
 def scontrol(*args: str) -> str | None:
-    if shutil.which("scontrol") is None:
+    """The output of ``scontrol ARGS``, or None when scontrol is missing or fails."""
+    try:
+        return slurm_command("scontrol", *args)
+    except SlurmCommandError:
         return None
-    result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30)
-    return result.stdout if result.returncode == 0 else None
 
 
 def signal_directive(script: str) -> tuple[str, bool, int] | None:
@@ -55,12 +96,316 @@ def signal_directive(script: str) -> tuple[str, bool, int] | None:
     return match[2], bool(match[1]), int(match[3] or 60)  # Slurm's default lead is 60 s
 
 
+# --------------------------------------------------------------------------- job context
+def describe_signal_settings(job_id: str) -> str:
+    """The warning signal the job asked for, read from its batch script (Slurm has no
+    command that shows it), or why it cannot be known."""
+    try:
+        script = slurm_command("scontrol", "write", "batch_script", job_id, "-")
+    except SlurmCommandError as error:
+        return f"unknown ({error})"
+    found = signal_directive(script)
+    if found is None:
+        return ("no #SBATCH --signal line in the batch script: no warning before the time "
+                "limit (unless --signal was given on the sbatch command line)")
+    name, to_batch, lead = found
+    return (f"SIG{name} {lead} s before the time limit, to "
+            f"{'the batch shell (B:)' if to_batch else 'every job step'}")
+
+
+def read_job_context(ckpt_dir: str | os.PathLike, environ: dict | None = None) -> dict:
+    """Where this process runs: Slurm job id, array job/task, restart count, nodes, tasks,
+    time limit and time left, the warning signal, host and checkpoint folder. Values that
+    cannot be read say why. ``job_id`` is None outside Slurm."""
+    env = os.environ if environ is None else environ
+    context = {"job_id": env.get("SLURM_JOB_ID"), "host": platform.node(),
+               "checkpoint_folder": str(Path(ckpt_dir).absolute())}
+    job_id = context["job_id"]
+    if job_id is None:
+        return context
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    context.update(
+        array=f"job {array_job}, task {array_task}" if array_job else "not an array job",
+        # Slurm sets SLURM_RESTART_COUNT only from the first requeue on.
+        restart_count=env.get("SLURM_RESTART_COUNT", "0"),
+        node_list=env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "unknown",
+        tasks=env.get("SLURM_NTASKS") or "not set (one task)",
+    )
+    if not re.fullmatch(r"[0-9]+", job_id):  # never hand a strange id to a command
+        context["time_limit"] = context["signal"] = f"unknown (odd SLURM_JOB_ID {job_id!r})"
+        return context
+    try:
+        limit, left = slurm_command("squeue", "-h", "-j", job_id, "-o", "%l|%L").strip().split("|")
+        context["time_limit"] = f"{limit}, {left} left"
+    except (SlurmCommandError, ValueError) as error:
+        context["time_limit"] = f"unknown ({error or 'squeue did not list the job'})"
+    context["signal"] = describe_signal_settings(job_id)
+    return context
+
+
+JOB_CONTEXT_LABELS = {"job_id": "Slurm job id", "array": "array", "restart_count":
+                      "restart count", "node_list": "node list", "tasks": "tasks",
+                      "time_limit": "time limit", "signal": "warning signal",
+                      "host": "host", "checkpoint_folder": "checkpoint folder"}
+
+
+def log_job_context(ckpt_dir: str | os.PathLike, environ: dict | None = None,
+                    logger: logging.Logger = log) -> dict:
+    """Log, once at start-up, one block that says where and how this run of the job runs;
+    outside Slurm one line that says so. Returns what it logged (see ``read_job_context``).
+    When a requeued job misbehaves, this block is the first thing to read in its output.
+
+    Example::
+
+        log_job_context(args.ckpt_dir)
+    """
+    context = read_job_context(ckpt_dir, environ)
+    if context["job_id"] is None:
+        logger.info("not inside a Slurm job (no SLURM_JOB_ID): host %s, checkpoint folder %s",
+                    context["host"], context["checkpoint_folder"])
+        return context
+    lines = [f"{label + ':':<19}{context[key]}" for key, label in JOB_CONTEXT_LABELS.items()]
+    logger.info("job context\n    %s", "\n    ".join(lines))
+    return context
+
+
+# --------------------------------------------------------------------------- checkpoint storage
+class StorageUnusableError(CheckpointError):
+    """The checkpoint folder cannot be written, or has no room; the message says what
+    happened, where, and what to do. Exit with ``EXIT_STORAGE_UNUSABLE`` on it."""
+
+
+# What an errno means for a checkpoint folder, and what to do about it.
+STORAGE_ERRORS = {
+    errno.ENOSPC: ("no space left on the file system",
+                   "Free space there (old runs), lower --keep, or choose a larger file system."),
+    errno.EDQUOT: ("your disk quota is exceeded",
+                   "Delete old files (see your site's quota command) or ask for more quota."),
+    errno.EROFS: ("the file system is read-only",
+                  "Point --ckpt-dir at a writable file system (project or scratch space; "
+                  "home and software folders are often read-only on compute nodes)."),
+    errno.EACCES: ("permission denied",
+                   "Check the folder's owner and mode (ls -ld), or choose a folder you own."),
+    errno.EPERM: ("operation not permitted",
+                  "Check the folder's owner and mode (ls -ld), or choose a folder you own."),
+    errno.ESTALE: ("stale file handle: the network file system lost the folder",
+                   "Check the mount on this node (df), or ask your site."),
+    errno.EIO: ("input/output error reported by the storage",
+                "Check the mount on this node (df), or ask your site."),
+}
+
+
+def describe_storage_error(error: OSError) -> tuple[str, str]:
+    """(what happened, what to do) for an OSError from the checkpoint folder."""
+    cause, advice = STORAGE_ERRORS.get(
+        error.errno, (error.strerror or str(error),
+                      "Check the file system of the folder (df), or choose another folder."))
+    return f"{cause} ({errno.errorcode.get(error.errno, 'errno ' + str(error.errno))})", advice
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(count) < 1000 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nested structure of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+# torch.save's zip headers, the RNG states, metrics: small, but not nothing for a small model.
+CHECKPOINT_OVERHEAD_BYTES = 256 << 10
+
+
+def estimate_checkpoint_bytes(*objects, ckpt_dir: str | os.PathLike | None = None,
+                              optimizer_slots: int = 2) -> int:
+    """A generous estimate of one checkpoint's size: the tensors of the given modules,
+    optimizers and state dicts, or the newest checkpoint in ``ckpt_dir``, the larger.
+
+    Before its first step an optimizer has no state yet; it is then counted as
+    ``optimizer_slots`` tensors per parameter (Adam and AdamW keep two, SGD with momentum
+    one: CHANGE it for yours). A resumed run measures the real size from ``ckpt_dir``.
+
+    Example::
+
+        expected = estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir)
+    """
+    total = CHECKPOINT_OVERHEAD_BYTES
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            total += tensor_bytes(obj.state_dict())
+        elif isinstance(obj, torch.optim.Optimizer) and not obj.state:
+            total += optimizer_slots * sum(p.numel() * p.element_size()
+                                           for group in obj.param_groups for p in group["params"])
+        elif isinstance(obj, torch.optim.Optimizer):
+            total += tensor_bytes(obj.state_dict())
+        else:
+            total += tensor_bytes(obj)
+    try:
+        existing = list_checkpoints(Path(ckpt_dir)) if ckpt_dir is not None else []
+    except OSError:  # an unreadable folder: check_checkpoint_storage says why
+        existing = []
+    return max(total, existing[-1].size if existing else 0)
+
+
+def probe_folder(folder: Path) -> None:
+    """Create, write, fsync, rename and delete a tiny file in ``folder``: every operation
+    a checkpoint save makes. Raises ``StorageUnusableError`` naming the one that failed.
+    The probe's name starts with the kit's temp prefix, so a kill leaves nothing that the
+    next start does not clean up."""
+    probe = folder / f"{TEMP_PREFIX}storage-probe.{platform.node()}.{os.getpid()}"
+    renamed = probe.with_name(probe.name + ".renamed")
+    action = "create a file"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            action = "write a file"
+            os.write(fd, b"checkpoint storage probe\n")
+            action = "fsync a file"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        action = "rename a file"
+        os.replace(probe, renamed)
+        action = "delete a file"
+        os.unlink(renamed)
+    except OSError as error:
+        for leftover in (probe, renamed):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+        cause, advice = describe_storage_error(error)
+        raise StorageUnusableError(
+            f"checkpoint storage unusable: cannot {action} in {folder}: {cause}. Training "
+            f"could not save a single checkpoint there, so it does not start. {advice}"
+        ) from error
+    fsync_directory(folder)
+
+
+def check_checkpoint_storage(ckpt_dir: str | os.PathLike, expected_bytes: int, *,
+                             keep: int, keep_time: int = 0) -> dict:
+    """Fail fast, before any training time is spent, when checkpoints cannot be saved:
+    the folder is made, a probe file is written, fsynced, renamed and deleted there, and
+    the free space and free inodes must hold ``keep + keep_time + 1`` checkpoints of
+    ``expected_bytes`` (+1: a new save is written before rotation deletes the oldest),
+    less what the checkpoints already there take. Pass ``keep_time`` only when timer
+    checkpoints are on. Raises ``StorageUnusableError`` with a message that says what,
+    where, needed and free, and what to do; returns the numbers when all is well.
+
+    Example::
+
+        check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep)
+    """
+    folder = Path(ckpt_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        cause, advice = describe_storage_error(error)
+        raise StorageUnusableError(f"checkpoint storage unusable: cannot create the folder "
+                                   f"{folder}: {cause}. {advice}") from error
+    probe_folder(folder)
+    stats = os.statvfs(folder)
+    existing = list_checkpoints(folder)
+    count = keep + keep_time + 1
+    numbers = {
+        "free_bytes": stats.f_bavail * stats.f_frsize,
+        "needed_bytes": max(expected_bytes, count * expected_bytes - sum(c.size for c in existing)),
+        # a data file and a marker per checkpoint, a temp file and the last.pt link
+        "free_inodes": stats.f_favail,
+        "needed_inodes": max(4, 2 * count + 2 - 2 * len(existing)),
+    }
+    kept = f"{keep}+{keep_time}" if keep_time else f"{keep}"
+    where = (f"{folder} has {{free}} free, but keeping {kept} checkpoints of about "
+             f"{human_bytes(expected_bytes)} plus the one being written needs {{needed}} "
+             f"(counting the {len(existing)} already there)")
+    free, needed = numbers["free_bytes"], numbers["needed_bytes"]
+    if free < needed:
+        raise StorageUnusableError(
+            "checkpoint storage too small: "
+            + where.format(free=human_bytes(free), needed=human_bytes(needed))
+            + ". Training would fail at a save. Free space there (old runs), ask for more "
+            "quota, lower --keep, or point --ckpt-dir at a larger file system.")
+    # Some file systems (btrfs, many network ones) report no inode counts: f_files is 0.
+    free, needed = numbers["free_inodes"], numbers["needed_inodes"]
+    if stats.f_files and free < needed:
+        raise StorageUnusableError(
+            "checkpoint storage out of inodes (file entries): "
+            + where.format(free=f"{free} inodes", needed=f"{needed} inodes")
+            + ". Delete small files (old runs, caches) from that file system or ask for a "
+            "larger inode quota; pack many small files into one archive.")
+    return numbers
+
+
+def save_checkpoint_or_explain(manager: CheckpointManager, state: dict, *, step: int,
+                               epoch: int, kind: str = "step"):
+    """``manager.save``, but a save that fails on the storage (disk full, quota, read-only)
+    raises ``StorageUnusableError`` saying what happened, to which file, how big, and
+    that the earlier checkpoints are intact; the unfinished file is removed. Other errors
+    pass through unchanged.
+
+    Example::
+
+        save_checkpoint_or_explain(manager, state, step=progress.step, epoch=progress.epoch)
+    """
+    try:
+        return manager.save(state, step=step, epoch=epoch, kind=kind)
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
+        raise StorageUnusableError(
+            explain_failed_save(Path(manager.directory), name, tensor_bytes(state), error)
+        ) from error
+
+
+def explain_failed_save(folder: Path, name: str, size: int, error: OSError) -> str:
+    """The message for a save of ``name`` that failed with ``error``; removes what the
+    save left behind, unless its completion marker made it (then it is complete)."""
+    target = folder / name
+    completed = marker_path(target).exists()
+    with contextlib.suppress(OSError):
+        for debris in folder.glob(f"{TEMP_PREFIX}{name}*.{os.getpid()}"):
+            debris.unlink(missing_ok=True)
+        if not completed:
+            target.unlink(missing_ok=True)
+    try:
+        free = human_bytes(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "an unknown amount"
+    last = read_last_pointer(folder)
+    cause, advice = describe_storage_error(error)
+    earlier = (f"last.pt still points at {last.name}, a resubmitted job resumes from it"
+               if last is not None else "there is no earlier checkpoint")
+    outcome = ("it was complete, only the steps after it (last.pt, rotation) failed"
+               if completed else "the unfinished file was removed")
+    return (f"checkpoint save failed: {cause} while writing {name} (about "
+            f"{human_bytes(size)}) in {folder}, which has {free} free now; {outcome}. The "
+            f"checkpoints saved before are untouched and {earlier}. {advice}")
+
+
+# --------------------------------------------------------------------------- the preflight CLI
+results: list[tuple[str, str, str]] = []  # (PASS/WARN/FAIL, check, detail)
+
+
+def report(status: str, check: str, detail: str) -> None:
+    results.append((status, check, detail))
+    print(f"{status:4}  {check}: {detail}", flush=True)
+
+
 def check_job(job_id: str) -> str:
-    info = scontrol("show", "job", job_id) or ""
-    limit = re.search(r"TimeLimit=(\S+)", info)
-    report("PASS", "job", f"{job_id} on {os.uname().nodename}, restart "
-           f"{os.environ.get('SLURM_RESTART_COUNT', '0')}, time limit "
-           f"{limit[1] if limit else 'unknown'}")
+    context = read_job_context(".")
+    report("PASS", "job", f"{job_id} on {context['host']}, restart "
+           f"{context['restart_count']}, time limit {context['time_limit']}")
     return scontrol("write", "batch_script", job_id, "-") or ""
 
 
@@ -83,12 +428,14 @@ def check_directives(script: str) -> tuple[str, bool, int] | None:
 
 
 def check_storage_and_save_time(ckpt_dir: Path, state_mb: float, keep: int, lead: int) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    free_mb = shutil.disk_usage(ckpt_dir).free / 1e6
-    needed = state_mb * (keep + 1)  # keep checkpoints plus the one being written
-    report("PASS" if free_mb > needed else "FAIL", "free space",
-           f"{free_mb:,.0f} MB free in {ckpt_dir}, {needed:,.0f} MB needed for {keep}+1 "
-           f"checkpoints of {state_mb:g} MB")
+    try:
+        numbers = check_checkpoint_storage(ckpt_dir, int(state_mb * 1e6), keep=keep)
+    except StorageUnusableError as error:
+        report("FAIL", "storage", str(error))
+        return
+    report("PASS", "storage", f"{human_bytes(numbers['free_bytes'])} free in {ckpt_dir}, "
+           f"{human_bytes(numbers['needed_bytes'])} needed for {keep}+1 checkpoints of "
+           f"{state_mb:g} MB; a probe file was written, renamed and deleted")
     with tempfile.TemporaryDirectory(dir=ckpt_dir, prefix=".preflight-") as scratch:
         state = {"model": {"weights": torch.ones(int(state_mb * 1e6 / 4))}}
         started = time.perf_counter()
