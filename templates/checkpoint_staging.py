@@ -84,7 +84,7 @@ class StagedCheckpointManager:
         clear_stage(local)  # what an earlier run left on this node is not ours to copy
         self.local = CheckpointManager(local, keep=local_keep, keep_time=local_keep,
                                        world_size=world_size)
-        self.last_saved: CheckpointInfo | None = None  # newest durable, in the shared folder
+        self._durable: CheckpointInfo | None = None  # the newest copy in the shared folder
         self.copy_seconds = 0.0
         self._pending: CheckpointInfo | None = None
         self._busy = False
@@ -99,6 +99,16 @@ class StagedCheckpointManager:
 
     # ----- the CheckpointManager calls
     @property
+    def last_saved(self) -> CheckpointInfo | None:
+        """The newest checkpoint in the shared folder (resumed from, or copied there)."""
+        return self._durable
+
+    @last_saved.setter
+    def last_saved(self, info: CheckpointInfo | None) -> None:
+        # As on a CheckpointManager: the next save at another step is not skipped.
+        self._durable = self.local.last_saved = info
+
+    @property
     def save_count(self) -> int:
         return self.local.save_count
 
@@ -109,7 +119,7 @@ class StagedCheckpointManager:
     def load_latest(self, *, quarantine: bool = True) -> dict | None:
         """Resume from the shared folder: the node-local one is gone after the job."""
         checkpoint = self.shared.load_latest(quarantine=quarantine)
-        self.last_saved = self.shared.last_saved
+        self._durable = self.shared.last_saved
         return checkpoint
 
     def save(self, state: dict, *, step: int, epoch: int, kind: str = "step") -> CheckpointInfo:
@@ -140,20 +150,21 @@ class StagedCheckpointManager:
                                        f"not finish within {timeout:g} s")
                 self._changed.wait(left)
         if newest is None or self._is_durable(newest):
-            return self.last_saved
+            return self._durable
         with self._copy_lock:  # the background copy failed: one more try, here
             try:
                 self._copy_to_shared(newest)
             except (OSError, CheckpointError) as error:
                 raise StorageUnusableError(self._copy_failed_message(newest, error)) from error
-        return self.last_saved
+        return self._durable
 
     def _is_durable(self, info: CheckpointInfo) -> bool:
-        return self.last_saved is not None and self.last_saved.name == info.name
+        durable = self._durable
+        return durable is not None and (durable.name, durable.sha256) == (info.name, info.sha256)
 
     def _copy_failed_message(self, info: CheckpointInfo, error: BaseException) -> str:
         cause = (describe_storage_error(error)[0] if isinstance(error, OSError) else str(error))
-        shared = self.last_saved.name if self.last_saved else "none"
+        shared = self._durable.name if self._durable else "none"
         return (f"copying {info.name} from node-local {self.local.directory} to the shared "
                 f"folder {self.directory} failed: {cause}. It exists only on this node and "
                 f"is lost when the job ends; the newest checkpoint in the shared folder is "
@@ -190,13 +201,14 @@ class StagedCheckpointManager:
         marker = marker_path(info.path).read_bytes()  # before the data: see _copy_loop
         expected = json.loads(marker)
         target = self.directory / info.name
-        if marker_path(target).exists():
-            # A complete checkpoint of that name is there already (a run resumed from it
-            # saved the same step again): replacing it would leave, for a moment, new
-            # bytes under the old marker. Keep it and point at it.
-            update_last_pointer(self.directory, info.name)
-            self.last_saved = read_marker(target)
-            return
+        if marker_path(target).exists():  # a checkpoint of that name is there already
+            if read_marker(target).sha256 == expected["sha256"]:
+                update_last_pointer(self.directory, info.name)
+                self._durable = read_marker(target)
+                return
+            # Another save under the same name (a replay after a rollback, say): the old
+            # one stops counting before its bytes change, never new bytes under its marker.
+            marker_path(target).unlink()
         digest, size = copy_file_durably(info.path, target, self.copy_bytes_per_second)
         if (digest, size) != (expected["sha256"], expected["size"]):
             raise CheckpointError(f"{info.name} changed on the node while it was copied "
@@ -204,7 +216,7 @@ class StagedCheckpointManager:
         # The marker is written last: it is what makes the copy count.
         atomic_write_bytes(marker_path(target), lambda f: f.write(marker))
         update_last_pointer(self.directory, info.name)
-        self.last_saved = read_marker(target)
+        self._durable = read_marker(target)
         rotate_checkpoints(self.directory, keep=self.keep, keep_time=self.keep_time,
                            max_bytes=self.max_bytes, protect=[target])
         elapsed = time.perf_counter() - started

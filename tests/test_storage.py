@@ -270,6 +270,30 @@ def test_each_copy_writes_data_then_marker_then_last_then_rotates(tmp_path, monk
     assert [info.step for info in list_checkpoints(shared)] == [20]
 
 
+def test_a_new_save_under_an_existing_name_replaces_it_and_never_mixes_them(tmp_path):
+    """A run resumed at step 10 that saves step 10 again (other bytes: a replay after a
+    rollback, or the final save of a finished run): the shared copy is the new one, and
+    at no moment did the old marker describe the new bytes."""
+    shared = tmp_path / "shared"
+    first = StagedCheckpointManager(shared, tmp_path / "node1")
+    first.save(state_of(0.5, 10), step=10, epoch=0)
+    first.wait_until_durable()
+    first.close()
+    second = StagedCheckpointManager(shared, tmp_path / "node2")
+    try:
+        assert second.load_latest()["step"] == 10
+        replay = state_of(0.5, 10)
+        replay["weights"] += 1
+        second.last_saved = None  # as a rollback does: the next save is a new one
+        info = second.save(replay, step=10, epoch=0)
+        assert second.wait_until_durable().sha256 == info.sha256
+    finally:
+        second.close()
+    assert read_marker(shared / "step_00000010.pt").sha256 == info.sha256
+    assert assert_all_valid(shared) == [10]
+    assert CheckpointManager(shared).load_latest()["weights"][0] == 11.0
+
+
 def test_emergency_save_returns_only_once_its_copy_is_durable(tmp_path):
     shared = tmp_path / "shared"
     manager = StagedCheckpointManager(shared, tmp_path / "node", copy_bytes_per_second=8e6)
