@@ -18,21 +18,39 @@ Launchers and signals (see the distributed guide for the whole story):
 * Whatever the launcher, a signal may reach one rank only, or ranks at different steps.
   ``StepAgreement`` turns "some rank was signalled" into "every rank stops after the same
   step", so no rank waits forever in a collective that the others never enter.
+
+A rank that stops making progress (a hang in compute, a deadlock, a stuck file system
+read) would leave the others waiting in their next collective until the process group's
+timeout. ``PeerWatchdog`` names the rank that the others wait for and ends the run with
+``EXIT_PEER_LOST`` (6) within a bound of your choice.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import json
+import logging
 import os
 import random
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from checkpoint_utils import capture_rng_state, log, restore_rng_state
+
+# The exit code of a rank that gave up waiting for a peer that no longer makes progress
+# (beside checkpoint_utils' 0 finished, 3 requeued, 4 save timeout, 75 preempted). The
+# run is not finished: resume it from the newest checkpoint once the stuck rank is gone.
+EXIT_PEER_LOST = 6
 
 try:  # NumPy is optional, as in checkpoint_utils.
     import numpy as np
@@ -147,10 +165,14 @@ class StepAgreement:
         stop: bool
         timer_due: bool
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu",
+                 watchdog: "PeerWatchdog | None" = None):
         self.device = torch.device(device)
+        self.watchdog = watchdog
 
     def decide(self, *, stop_requested: bool, timer_due: bool) -> "StepAgreement.Decision":
+        if self.watchdog is not None:  # from here on this rank waits for the others
+            self.watchdog.arrive("entering the step agreement")
         rank0_timer = timer_due and dist.get_rank() == 0
         flags = torch.tensor([int(stop_requested), int(rank0_timer)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -198,3 +220,223 @@ def seed_all(seed: int) -> None:
     if np is not None:
         np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- liveness
+@dataclasses.dataclass(frozen=True)
+class PeerRecord:
+    """What one rank last told the others: how many times it has started waiting for them
+    (``arrivals``), the last step it completed, where it was, whether the others are
+    waiting for it on purpose (``busy``: rank 0 writing a checkpoint), and whether it has
+    left the run normally."""
+    arrivals: int
+    step: int
+    where: str
+    busy: bool = False
+    left: bool = False
+
+    def to_text(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_text(cls, text: str | bytes) -> "PeerRecord":
+        return cls(**json.loads(text))
+
+
+NOT_SEEN_YET = PeerRecord(arrivals=-1, step=-1, where="not started watching yet")
+
+
+def find_stuck_ranks(records: dict[int, PeerRecord], unchanged_seconds: dict[int, float],
+                     timeout_seconds: float, own_rank: int) -> list[int]:
+    """The ranks the others wait for in vain: their record has not changed for
+    ``timeout_seconds`` and they are behind, that is, they have started waiting fewer
+    times than the rank furthest ahead. A rank that waits in a collective has arrived
+    there, so it is never behind: healthy ranks waiting for a slow peer are not blamed.
+    When nobody is behind, a rank that declared itself busy (the others wait for it on
+    purpose) and has not moved for the timeout is the stuck one.
+
+    Example::
+
+        find_stuck_ranks({0: PeerRecord(8, 3, "..."), 1: PeerRecord(7, 3, "...")},
+                         {0: 9.0, 1: 9.0}, timeout_seconds=5, own_rank=0)   # [1]
+    """
+    present = {rank: record for rank, record in records.items() if not record.left}
+    if not present:
+        return []
+    lead = max(record.arrivals for record in present.values())
+    stale = [rank for rank, record in present.items()
+             if rank != own_rank and unchanged_seconds.get(rank, 0.0) > timeout_seconds]
+    behind = [rank for rank in stale if present[rank].arrivals < lead]
+    return behind or [rank for rank in stale if present[rank].busy]
+
+
+class PeerWatchdog:
+    """Detects a rank that no longer makes progress and ends this rank with
+    ``EXIT_PEER_LOST`` instead of letting it wait in a collective for ever.
+
+    Every rank counts the times it starts waiting for the others (``arrive()``: before
+    the step agreement, DDP's gradient all-reduce and a checkpoint save). A thread
+    publishes that count in the process group's own key-value store (rank 0's TCPStore)
+    and reads everyone else's, so it works while the main thread is blocked inside a
+    collective. A rank whose count stays behind the others' for ``timeout_seconds`` is
+    the one they wait for: every other rank logs its number and last step, and exits.
+    The time is measured on each reader's own clock, so clocks that differ between nodes
+    do not matter. Rank 0 writing a checkpoint declares itself ``busy()``: the write gets
+    the whole timeout, and this rank's own watchdog never exits in the middle of it.
+
+    ``timeout_seconds`` must be longer than the longest step and the longest checkpoint
+    save; 0 turns the watchdog off (so does a world of one rank).
+
+    Example::
+
+        watchdog = PeerWatchdog(180, current_step=lambda: progress.step)
+        watchdog.watch_gradient_sync(ddp_model)
+        agreement = StepAgreement(device, watchdog=watchdog)
+        with watchdog:                       # the watching thread runs in here
+            ...train...
+    """
+
+    def __init__(self, timeout_seconds: float, *, current_step: Callable[[], int],
+                 store: dist.Store | None = None, exit_code: int = EXIT_PEER_LOST):
+        self.timeout = float(timeout_seconds)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.enabled = self.timeout > 0 and self.world_size > 1
+        self.current_step = current_step
+        self.exit_code = exit_code
+        # A tenth of the timeout between looks: detection takes at most the timeout and
+        # two polls (one to publish, one to read), and a 3-minute timeout costs one small
+        # store request every 5 s per rank.
+        self.poll_seconds = min(max(self.timeout / 10, 0.1), 5.0)
+        # The store the process group was built with: it needs no extra port, and under
+        # torchrun it is already separate for each restart of the workers.
+        self.store = store if store is not None or not self.enabled else \
+            dist.distributed_c10d._get_default_store()
+        self.record = PeerRecord(arrivals=0, step=current_step(), where="starting")
+        self._write_lock = threading.Lock()  # held by busy(): no exit in the middle of it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log = logging.getLogger("liveness")
+
+    @staticmethod
+    def key(rank: int) -> str:
+        return f"liveness/{rank}"
+
+    # -- called by the training loop (main thread); cheap: no I/O
+    def arrive(self, where: str) -> None:
+        """This rank is about to wait for the others (``where`` says in what)."""
+        self.record = PeerRecord(self.record.arrivals + 1, self.current_step(), where)
+
+    @contextlib.contextmanager
+    def busy(self, what: str):
+        """The others will wait for this rank until the block ends, on purpose (rank 0
+        writing a checkpoint). The block gets the whole timeout from its start."""
+        with self._write_lock:
+            self.record = dataclasses.replace(self.record, step=self.current_step(),
+                                              where=what, busy=True)
+            try:
+                yield
+            finally:
+                self.record = dataclasses.replace(self.record, busy=False)
+
+    def watch_gradient_sync(self, model: torch.nn.parallel.DistributedDataParallel) -> None:
+        """Count DDP's gradient all-reduce, which runs inside ``backward()``, as an arrival.
+        It is where healthy ranks wait for one that hangs in the middle of a step: without
+        it, every rank would still show the count of the previous step agreement and none
+        would look behind. The all-reduce itself is DDP's default one."""
+        if not self.enabled:
+            return
+
+        def arrive_then_allreduce(process_group, bucket):  # no annotations: DDP checks them
+            self.arrive("entering the gradient all-reduce")
+            return allreduce_hook(process_group, bucket)
+
+        model.register_comm_hook(None, arrive_then_allreduce)
+
+    # -- the watching thread
+    def __enter__(self) -> "PeerWatchdog":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        # After an error the others must not think this rank left normally: they find
+        # out through the broken connection or, at the latest, the timeout.
+        self.stop(left=exc_type is None)
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._publish()
+        self._thread = threading.Thread(target=self._watch, name="peer-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, left: bool = True) -> None:
+        """Stop watching; with ``left``, tell the others this rank has left normally, so
+        that the ranks still running do not wait for it."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if left:
+            self.record = dataclasses.replace(self.record, left=True)
+            with contextlib.suppress(Exception):  # rank 0's store may be gone already
+                self._publish()
+
+    def _publish(self) -> None:
+        self.store.set(self.key(self.rank), self.record.to_text())
+
+    def _watch(self) -> None:
+        peers = [rank for rank in range(self.world_size) if rank != self.rank]
+        last_text: dict[int, str | None] = {}
+        changed_at = dict.fromkeys(peers, time.monotonic())
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self._publish()
+                texts = self._read(peers)
+            except Exception as error:  # noqa: BLE001 - the store's host has ended
+                if not self._stop.is_set():
+                    self._log.warning("cannot reach the store any more (%s); watching "
+                                      "stops", error)
+                return
+            now = time.monotonic()
+            records = {self.rank: self.record}
+            for rank, text in texts.items():
+                if rank not in last_text or text != last_text[rank]:
+                    last_text[rank], changed_at[rank] = text, now
+                records[rank] = NOT_SEEN_YET if text is None else PeerRecord.from_text(text)
+            unchanged = {rank: now - changed_at[rank] for rank in peers}
+            stuck = find_stuck_ranks(records, unchanged, self.timeout, self.rank)
+            if stuck and not self._stop.is_set():
+                self._give_up(stuck, records, unchanged)
+
+    def _read(self, peers: list[int]) -> dict[int, str | None]:
+        """Every peer's record; None for a rank that has not published one yet (a get of
+        a missing key would block)."""
+        keys = [self.key(rank) for rank in peers]
+        if self.store.check(keys):
+            return {rank: value.decode() for rank, value in
+                    zip(peers, self.store.multi_get(keys))}
+        return {rank: self.store.get(key).decode() if self.store.check([key]) else None
+                for rank, key in zip(peers, keys)}
+
+    def _give_up(self, stuck: list[int], records: dict[int, PeerRecord],
+                 unchanged: dict[int, float]) -> None:
+        """Log which ranks are stuck and end this process. The main thread is blocked in
+        a collective, or soon will be, and a process group whose peer is gone cannot be
+        used again: ``os._exit`` is the only way out, so the logs are flushed first."""
+        for rank in stuck:
+            record = records[rank]
+            self._log.error("rank %d has made no progress for %.0f s (last seen at step %d, "
+                            "%s); stopping with exit code %d", rank, unchanged[rank],
+                            record.step, record.where, self.exit_code)
+        # Never in the middle of this rank's own checkpoint write (the kit's marker would
+        # keep the folder valid even then, but the write would be lost): wait for it,
+        # for at most one more timeout.
+        if self._write_lock.acquire(timeout=self.timeout):
+            self._write_lock.release()
+        for handler in logging.getLogger().handlers + self._log.handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.exit_code)
