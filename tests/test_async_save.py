@@ -189,6 +189,23 @@ def test_buffers_are_allocated_at_the_first_save_and_reused_after(tmp_path):
     assert buffers.allocations == allocated + 1
 
 
+def test_prepare_async_save_allocates_the_buffers_the_first_save_then_uses(tmp_path):
+    model, optimizer = training_objects()
+    manager = cu.CheckpointManager(tmp_path)
+    manager.prepare_async_save(state_of(model, optimizer, step=1))
+    manager.wait_for_saves()
+    buffers = manager._async_buffers
+    prepared, addresses = buffers.allocations, [b.data_ptr() for b in buffers._buffers]
+    assert prepared > 0
+
+    info = manager.save_async(state_of(model, optimizer, step=1), step=1, epoch=0).wait()
+
+    assert buffers.allocations == prepared
+    assert [b.data_ptr() for b in buffers._buffers] == addresses
+    saved = torch.load(info.path, weights_only=True)
+    assert_same_content(saved["model"], model.state_dict(), "model")
+
+
 def test_save_async_at_an_already_saved_step_writes_nothing(tmp_path):
     manager = cu.CheckpointManager(tmp_path)
     first = manager.save({"w": torch.ones(3)}, step=5, epoch=0)

@@ -41,11 +41,14 @@ def test_report_has_the_async_and_emergency_rows(tmp_path):
     assert all(0 < blocked < done for blocked, done in
                zip([timings["blocked_cold_s"], *timings["blocked_warm_s"]],
                    timings["until_saved_s"]))
+    assert 0 < timings["blocked_after_prepare_s"] < timings["until_saved_s"][0]
+    assert timings["prepare_s"] > 0
     emergency = report["emergency_save"]
     sync = min(report["saves"]["kit: verified save"])
     assert emergency["save_s"] == sync and emergency["fits"] is True
     assert emergency["largest_gb"] == pytest.approx(report["bytes"] / sync * 40 / 1e9)
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| first (cold buffers) |" in table and "| later (warm buffers), best |" in table
+    assert "| first after prepare_async_save |" in table
     assert "fits in 60 s with 20 s to spare? |" in table
     assert f"| {report['bytes'] / 1e6:.0f} MB | {sync:.3f} |" in table

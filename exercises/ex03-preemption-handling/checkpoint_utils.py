@@ -863,24 +863,44 @@ class ReusedStateBuffers:
         # every tensor it meets from `copies`, its memo, instead of copying it again.
         return copy.deepcopy(state, copies)
 
+    def reserve(self, state: Any) -> None:
+        """Allocate and touch the buffers that copying ``state`` will use, copying
+        nothing. Run in a thread ahead of the first copy, it takes the page faults off
+        the time training is blocked (they do not hold the GIL)."""
+        seen: set[tuple] = set()
+        for tensor in _tensors_in(state):
+            if not _copied_by_storage(tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = (storage.device, storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                buffer = self._buffer_for(len(seen), storage)
+                seen.add(key)
+                if not buffer.is_pinned() and buffer.nbytes():  # pinned memory is resident
+                    ctypes.memset(buffer.data_ptr(), 0, buffer.nbytes())
+
     def wait_until_copied(self) -> None:
         for event in self._cuda_events:
             event.synchronize()
 
-    def _copy_storage(self, index: int, source: torch.UntypedStorage) -> torch.UntypedStorage:
+    def _buffer_for(self, index: int, source: torch.UntypedStorage) -> torch.UntypedStorage:
+        """The buffer at ``index`` if it fits ``source``, else a new one in its place."""
         from_cuda = source.device.type == "cuda"
         if index < len(self._buffers) and self._buffers[index].nbytes() == source.nbytes() \
                 and self._buffers[index].is_pinned() == from_cuda:
-            buffer = self._buffers[index]
+            return self._buffers[index]
+        buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
+                             pin_memory=from_cuda).untyped_storage()
+        self.allocations += 1
+        if index < len(self._buffers):
+            self._buffers[index] = buffer
         else:
-            buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
-                                 pin_memory=from_cuda).untyped_storage()
-            self.allocations += 1
-            if index < len(self._buffers):
-                self._buffers[index] = buffer
-            else:
-                self._buffers.append(buffer)
-        if from_cuda:
+            self._buffers.append(buffer)
+        return buffer
+
+    def _copy_storage(self, index: int, source: torch.UntypedStorage) -> torch.UntypedStorage:
+        buffer = self._buffer_for(index, source)
+        if source.device.type == "cuda":
             buffer.copy_(source, non_blocking=True)
         elif source.nbytes():
             # A plain memcpy, not torch's copy: that one splits large copies over the
@@ -921,8 +941,8 @@ class PendingSave:
     raises ``AsyncSaveError``.
     """
 
-    def __init__(self, *, step: int, kind: str, blocked_seconds: float = 0.0):
-        self.step = step
+    def __init__(self, *, step: int | None, kind: str, blocked_seconds: float = 0.0):
+        self.step = step  # None for prepare_async_save's buffer preparation
         self.kind = kind
         self.blocked_seconds = blocked_seconds
         self._finished = threading.Event()
@@ -943,8 +963,9 @@ class PendingSave:
         self._finished.wait()
         if self._error is not None:
             self._error_reported = True
-            raise AsyncSaveError(f"the background save of step {self.step} failed: "
-                                 f"{self._error!r}") from self._error
+            what = ("preparing the buffers" if self.step is None
+                    else f"the background save of step {self.step}")
+            raise AsyncSaveError(f"{what} failed: {self._error!r}") from self._error
         return self._info
 
     def _finish(self, *, info: CheckpointInfo | None = None,
@@ -1034,6 +1055,33 @@ class CheckpointManager:
         threading.Thread(target=self._write_in_background, name="checkpoint-save",
                          args=(pending, copied, step, epoch, kind, saved_at)).start()
         return pending
+
+    def prepare_async_save(self, state: dict) -> None:
+        """Allocate and touch ``save_async``'s buffers for ``state`` in a background
+        thread, so that the first ``save_async`` does not block training while cold
+        memory is faulted in (2.8 s for 1 GB on the course's virtual machine, 0.07 s into
+        warm buffers). Call it once training has run a step, when the optimizer state
+        exists; ``save_async`` waits for it if it is still running.
+
+        Example::
+
+            if step == 1:
+                manager.prepare_async_save(capture_training_state(...))
+        """
+        self.wait_for_saves()
+        pending = PendingSave(step=None, kind="prepare")
+        self._pending = pending
+        threading.Thread(target=self._prepare_in_background, args=(pending, state),
+                         name="checkpoint-prepare", daemon=True).start()
+
+    def _prepare_in_background(self, pending: PendingSave, state: dict) -> None:
+        try:
+            self._async_buffers.reserve(state)
+        except BaseException as error:
+            log.error("preparing the buffers of save_async failed: %r", error)
+            pending._finish(error=error)
+        else:
+            pending._finish()
 
     def wait_for_saves(self) -> CheckpointInfo | None:
         """Wait for the background save in flight, if any; return what it saved, or raise
