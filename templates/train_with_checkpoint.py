@@ -10,11 +10,13 @@ bitwise identical to those of a run that was never interrupted.
 
 Exit codes: 0 finished; 3 preempted, saved and requeued; 75 preempted and saved but not
 requeued (resubmit, or let the batch script requeue); 4 the emergency save took longer
-than --emergency-save-timeout (the previous checkpoint is still valid).
+than --emergency-save-timeout (the previous checkpoint is still valid); 5 the loss stayed
+NaN/Inf after the allowed rollbacks (see the [nonfinite] lines of the log).
 
 To adapt it to your project, change the three blocks marked "CHANGE ME": the data, the
 model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch and
-checkpoint_utils.py beside this file; NumPy only for the example's data augmentation.
+checkpoint_utils.py beside this file, nonfinite_guard.py for the NaN/Inf guard (without it
+the run trains unguarded, with a warning); NumPy only for the example's data augmentation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from checkpoint_utils import (
     EXIT_FINISHED,
+    CheckpointError,
     CheckpointManager,
     EmergencyDeadline,
     PreemptionHandler,
@@ -39,8 +42,27 @@ from checkpoint_utils import (
     TrainingProgress,
     capture_training_state,
     exit_after_preemption,
+    list_checkpoints,
+    load_checkpoint_file,
     restore_training_state,
+    verify_checkpoint,
 )
+
+try:
+    from nonfinite_guard import (
+        EXIT_NON_FINITE,
+        STATE_KEY as GUARD_STATE_KEY,
+        NonFiniteGuard,
+        Position,
+        gradient_norm,
+        scale_learning_rate,
+    )
+except ImportError:  # nonfinite_guard.py was not copied beside this file: no guard
+    NonFiniteGuard = None
+
+# Rollbacks go to step and epoch checkpoints only: they exist at the same steps in every
+# run of the job, while preemption and timer checkpoints depend on when it was stopped.
+ROLLBACK_KINDS = ("step", "epoch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +88,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     p.add_argument("--simulate-step-seconds", type=float, default=0.0,
                    help="pause after each step, to imitate a slower model in demos and tests")
+    add_nonfinite_arguments(p)
     return p.parse_args(argv)
+
+
+def add_nonfinite_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("non-finite losses (NaN/Inf; train_ddp.py ignores these)")
+    g.add_argument("--max-bad-steps", type=int, default=3, metavar="N",
+                   help="each NaN/Inf step is skipped; this many in a row roll back to the "
+                        "newest step/epoch checkpoint (0: no guard; default: %(default)s)")
+    g.add_argument("--max-rollbacks", type=int, default=3, metavar="N",
+                   help="rollbacks allowed before giving up with exit code 5 "
+                        "(default: %(default)s)")
+    g.add_argument("--rollback-lr-factor", type=float, default=1.0, metavar="F",
+                   help="multiply the learning rate by this at each rollback, e.g. 0.5 "
+                        "(default: %(default)s)")
+    g.add_argument("--skip-bad-batches", action="store_true",
+                   help="on the replay after a rollback, skip the batches that gave NaN/Inf")
+    g.add_argument("--inject-nonfinite", type=batch_list, default=[], metavar="E:B[,..]",
+                   help="fire drill: make the loss NaN whenever these batches are trained "
+                        "(epoch:batch from 0, or epoch:first-last), to rehearse the guard")
+
+
+def batch_list(text: str) -> list[list[int]]:
+    """'2:5-7,4:0' -> [[2, 5], [2, 6], [2, 7], [4, 0]] (epoch, batch in the epoch)."""
+    batches = []
+    try:
+        for item in text.split(","):
+            epoch, batch = item.split(":")
+            first, _, last = batch.partition("-")
+            batches += [[int(epoch), b] for b in range(int(first), int(last or first) + 1)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not EPOCH:BATCH[,..]") from None
+    return batches
 
 
 # ----- CHANGE ME (1/3): your data. Any map-style Dataset works with ResumableSampler.
@@ -107,26 +161,68 @@ def compute_loss(model, inputs, targets):
 
 
 def train_one_step(model, optimizer, scheduler, scaler, inputs, targets, *,
-                   amp: bool = False, pause: float = 0.0) -> float:
+                   amp: bool = False, pause: float = 0.0, guard=None, at=None,
+                   inject_nonfinite: bool = False) -> float:
     """One whole optimizer step on one batch: augmentation, forward, backward, optimizer,
     scaler and schedule; returns the loss. A preemption flag is looked at only after it has
     returned (and the step counters moved on), never in the middle of it.
 
     With ``amp``, autocast runs in float16 on CUDA and bfloat16 on the CPU; the scaler
-    (enabled or not) is stepped either way, so its state is always in the checkpoint."""
+    (enabled or not) is stepped either way, so its state is always in the checkpoint.
+    With a ``guard`` (a NonFiniteGuard; ``at`` is the step's Position), a NaN/Inf loss or
+    gradient norm skips the optimizer and the scaler; the schedule still moves on."""
     device = next(model.parameters()).device
     inputs, targets = augment(inputs).to(device), targets.to(device)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         loss = compute_loss(model, inputs, targets)
+    if inject_nonfinite:
+        loss = loss * float("nan")  # --inject-nonfinite: a rehearsal of a bad batch
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # under DDP, the ranks' gradients are averaged here
-    scaler.step(optimizer)
-    scaler.update()
+    if guard is None or guard.check(loss, unscaled_gradient_norm(model, scaler), at=at):
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.zero_grad(set_to_none=True)  # no NaN may reach a later step
     scheduler.step()
     if pause:
         time.sleep(pause)  # --simulate-step-seconds: a slower model, for demos and tests
     return loss.item()
+
+
+def unscaled_gradient_norm(model, scaler):
+    """The norm the guard checks, or None under AMP: there the scaler already skips steps
+    whose gradients overflow (routine while it finds its scale), so only the loss counts."""
+    return None if scaler.is_enabled() else gradient_norm(model.parameters())
+
+
+def make_guard(args):
+    """The NaN/Inf guard the flags ask for, or None: turned off, or not installed."""
+    if args.max_bad_steps == 0:
+        return None
+    if NonFiniteGuard is None:
+        logging.getLogger("train").warning(
+            "nonfinite_guard.py is not beside this script: NaN/Inf losses are not checked")
+        return None
+    return NonFiniteGuard(max_bad_steps=args.max_bad_steps, max_rollbacks=args.max_rollbacks,
+                          rollback_lr_factor=args.rollback_lr_factor,
+                          skip_bad_batches=args.skip_bad_batches)
+
+
+def newest_rollback_checkpoint(directory, before_step: int):
+    """(info, checkpoint) of the newest valid step/epoch checkpoint saved before
+    ``before_step``, or (None, None)."""
+    log = logging.getLogger("train")
+    for info in reversed(list_checkpoints(directory)):
+        if info.kind not in ROLLBACK_KINDS or info.step >= before_step:
+            continue
+        try:
+            verify_checkpoint(info)
+            return info, load_checkpoint_file(info.path)
+        except CheckpointError as error:
+            log.warning("cannot roll back to %s: %s", info.name, error)
+    return None, None
 
 
 class ProgressLine:
@@ -188,17 +284,36 @@ def train(args, preemption: PreemptionHandler) -> int:
                             every_epochs=args.save_every_epochs,
                             every_seconds=args.save_every_seconds)
     progress = TrainingProgress()
+    guard = make_guard(args)
     checkpoint = manager.load_latest()  # on the CPU; load_state_dict copies to the device
     if checkpoint is not None:
         progress = restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
+        if guard:
+            guard.load_state_dict(checkpoint.get(GUARD_STATE_KEY))
         del checkpoint
 
     def save(kind: str) -> None:
         state = capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, sampler=sampler, progress=progress)
+        if guard and guard.has_history():  # else the checkpoint stays as without a guard
+            state[GUARD_STATE_KEY] = guard.state_dict()
         manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
         schedule.mark_saved()
+
+    def roll_back() -> TrainingProgress | None:
+        """Back to the newest step/epoch checkpoint; None when the guard gives up."""
+        info, checkpoint = newest_rollback_checkpoint(manager.directory, progress.step)
+        if not guard.plan_rollback(at_step=progress.step, target_step=info and info.step):
+            return None
+        restored = restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                          scheduler=scheduler, scaler=scaler, sampler=sampler)
+        # The checkpoint's learning rate already carries the factor of its own time.
+        saved_factor = (checkpoint.get(GUARD_STATE_KEY) or {}).get("lr_factor", 1.0)
+        scale_learning_rate(optimizer, scheduler, guard.lr_factor / saved_factor)
+        manager.last_saved = info  # the replay's saves are new ones, even at the same steps
+        log.info("rolled back to %s (step %d, epoch %d)", info.name, info.step, info.epoch)
+        return restored
 
     bar = ProgressLine(args.steps, progress.step, args.log_every)
     started = time.monotonic()
@@ -206,13 +321,27 @@ def train(args, preemption: PreemptionHandler) -> int:
     while progress.step < args.steps:
         sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
         for inputs, targets in loader:
-            loss = train_one_step(model, optimizer, scheduler, scaler, inputs, targets,
-                                  amp=args.amp, pause=args.simulate_step_seconds)
+            batch = [progress.epoch, progress.batch_in_epoch]
+            at = Position(progress.step + 1, *batch) if guard else None
+            if guard and guard.skips(at):  # gave NaN/Inf before a rollback: not again
+                scheduler.step()
+                loss = float("nan")
+            else:
+                loss = train_one_step(model, optimizer, scheduler, scaler, inputs, targets,
+                                      amp=args.amp, pause=args.simulate_step_seconds,
+                                      guard=guard, at=at,
+                                      inject_nonfinite=batch in args.inject_nonfinite)
             # The step is complete: only now may the state be saved.
             epoch_finished = progress.finish_step(steps_per_epoch)
             progress.metrics["loss"] = loss
             bar.update(progress, progress.metrics["loss"])
 
+            if guard and guard.rollback_due:
+                progress = roll_back()
+                if progress is None:
+                    return EXIT_NON_FINITE
+                bar = ProgressLine(args.steps, progress.step, args.log_every)
+                break  # the data order restarts at the restored position
             if progress.step >= args.steps:
                 break  # finished: a late signal changes nothing
             if preemption.requested:
@@ -234,6 +363,9 @@ def train(args, preemption: PreemptionHandler) -> int:
     log.info("finished: %d steps; %d checkpoint saves took %.2f s of %.2f s (%.1f%%)",
              progress.step, manager.save_count, manager.save_seconds, elapsed,
              100 * manager.save_seconds / max(elapsed, 1e-9))
+    if guard and guard.has_history():
+        log.info("non-finite steps skipped: %d; rollbacks: %d", guard.skipped_steps,
+                 guard.rollbacks)
     return EXIT_FINISHED
 
 
