@@ -622,6 +622,25 @@ def find_latest_valid_checkpoint(directory: Path) -> CheckpointInfo | None:
     return None
 
 
+def load_verified_checkpoint(info: CheckpointInfo) -> dict:
+    """``verify_checkpoint`` and ``load_checkpoint_file`` at once: the sha256 pass runs in
+    a thread while ``torch.load`` reads the same file, so the disk is read once (the
+    slower reader finds the pages in the page cache) and the load hides behind the hash.
+    The loaded state is returned only when the bytes match the marker; when they do not,
+    the checksum error is raised, whatever ``torch.load`` made of them. Loading unverified
+    bytes first is safe because ``weights_only=True`` runs no code from the file.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as hashing:
+        verified = hashing.submit(verify_checkpoint, info)
+        try:
+            checkpoint = load_checkpoint_file(info.path)
+        except CheckpointError:
+            verified.result()  # a checksum error explains a failed load better
+            raise
+        verified.result()
+    return checkpoint
+
+
 def load_checkpoint_file(path: Path) -> dict:
     """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
 
@@ -645,25 +664,6 @@ def load_checkpoint_file(path: Path) -> dict:
                 + ". Save state dicts, tensors and plain containers only."
             ) from None
         raise CorruptCheckpointError(f"{Path(path).name}: cannot be read ({error})") from None
-
-
-def load_verified_checkpoint(info: CheckpointInfo) -> dict:
-    """``verify_checkpoint`` and ``load_checkpoint_file`` at once: the sha256 pass runs in
-    a thread while ``torch.load`` reads the same file, so the disk is read once (the
-    slower reader finds the pages in the page cache) and the load hides behind the hash.
-    The loaded state is returned only when the bytes match the marker; when they do not,
-    the checksum error is raised, whatever ``torch.load`` made of them. Loading unverified
-    bytes first is safe because ``weights_only=True`` runs no code from the file.
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as hashing:
-        verified = hashing.submit(verify_checkpoint, info)
-        try:
-            checkpoint = load_checkpoint_file(info.path)
-        except CheckpointError:
-            verified.result()  # a checksum error explains a failed load better
-            raise
-        verified.result()
-    return checkpoint
 
 
 # --------------------------------------------------------------------------- last pointer, rotation

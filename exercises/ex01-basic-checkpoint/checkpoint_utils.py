@@ -584,17 +584,6 @@ def find_latest_valid_checkpoint(directory: Path) -> CheckpointInfo | None:
     return None
 
 
-def load_checkpoint_file(path: Path) -> dict:
-    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
-
-    A file that needs a full unpickle (which can run arbitrary code) is refused with
-    ``UnsafeCheckpointError``; nothing in it is executed. (Not ``mmap=True``, although
-    it would skip a copy: the optimizer would keep tensors mapped from the file, and
-    once rotation deletes the file its disk space would stay taken until the job ends.)
-    """
-    raise NotImplementedError('Task 4: Load safely, on the CPU (see README.md)')
-
-
 def load_verified_checkpoint(info: CheckpointInfo) -> dict:
     """``verify_checkpoint`` and ``load_checkpoint_file`` at once: the sha256 pass runs in
     a thread while ``torch.load`` reads the same file, so the disk is read once (the
@@ -612,6 +601,17 @@ def load_verified_checkpoint(info: CheckpointInfo) -> dict:
             raise
         verified.result()
     return checkpoint
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
+
+    A file that needs a full unpickle (which can run arbitrary code) is refused with
+    ``UnsafeCheckpointError``; nothing in it is executed. (Not ``mmap=True``, although
+    it would skip a copy: the optimizer would keep tensors mapped from the file, and
+    once rotation deletes the file its disk space would stay taken until the job ends.)
+    """
+    raise NotImplementedError('Task 4: Load safely, on the CPU (see README.md)')
 
 
 # --------------------------------------------------------------------------- last pointer, rotation
