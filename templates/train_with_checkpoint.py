@@ -301,6 +301,8 @@ def train(args, preemption: PreemptionHandler) -> int:
         manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
         schedule.mark_saved()
 
+    bar = ProgressLine(args.steps, progress.step, args.log_every)
+
     def roll_back() -> TrainingProgress | None:
         """Back to the newest step/epoch checkpoint; None when the guard gives up."""
         info, checkpoint = newest_rollback_checkpoint(manager.directory, progress.step)
@@ -315,7 +317,6 @@ def train(args, preemption: PreemptionHandler) -> int:
         log.info("rolled back to %s (step %d, epoch %d)", info.name, info.step, info.epoch)
         return restored
 
-    bar = ProgressLine(args.steps, progress.step, args.log_every)
     started = time.monotonic()
     model.train()
     while progress.step < args.steps:
