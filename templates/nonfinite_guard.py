@@ -111,7 +111,7 @@ class NonFiniteGuard:
         values = [("loss", loss.detach().float())]
         if grad_norm is not None:
             values.append(("gradient norm", grad_norm.detach().float()))
-        # One device-to-host copy for all values: the loop pays one sync per step.
+        # One device-to-host copy for all values: one sync per step on a GPU.
         numbers = torch.stack([v.reshape(()) for _, v in values]).tolist()
         if all(math.isfinite(n) for n in numbers):
             self.consecutive_bad, self.streak_batches = 0, []
