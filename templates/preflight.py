@@ -49,7 +49,7 @@ import torch
 
 from checkpoint_utils import (CHECKPOINT_SUFFIX, KIND_NAME_FORMAT, TEMP_PREFIX, CheckpointError,
                               CheckpointManager, PreemptionHandler, fsync_directory,
-                              list_checkpoints, marker_path, read_last_pointer)
+                              marker_path, read_last_pointer)
 
 EXIT_STORAGE_UNUSABLE = 7
 
@@ -250,11 +250,19 @@ def estimate_checkpoint_bytes(*objects, ckpt_dir: str | os.PathLike | None = Non
             total += tensor_bytes(obj.state_dict())
         else:
             total += tensor_bytes(obj)
+    existing = checkpoint_file_sizes(Path(ckpt_dir)) if ckpt_dir is not None else []
+    return max([total, *existing])
+
+
+def checkpoint_file_sizes(folder: Path) -> list[int]:
+    """The sizes of the checkpoint files in ``folder``, complete or not: an estimate needs
+    no verification, and reading only names and sizes keeps these checks independent of the
+    kit's marker code. An unreadable folder gives none (check_checkpoint_storage says why)."""
     try:
-        existing = list_checkpoints(Path(ckpt_dir)) if ckpt_dir is not None else []
-    except OSError:  # an unreadable folder: check_checkpoint_storage says why
-        existing = []
-    return max(total, existing[-1].size if existing else 0)
+        return [path.stat().st_size for path in folder.glob(f"*{CHECKPOINT_SUFFIX}")
+                if not path.is_symlink() and not path.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return []
 
 
 def probe_folder(folder: Path) -> None:
@@ -315,11 +323,11 @@ def check_checkpoint_storage(ckpt_dir: str | os.PathLike, expected_bytes: int, *
                                    f"{folder}: {cause}. {advice}") from error
     probe_folder(folder)
     stats = os.statvfs(folder)
-    existing = list_checkpoints(folder)
+    existing = checkpoint_file_sizes(folder)
     count = keep + keep_time + 1
     numbers = {
         "free_bytes": stats.f_bavail * stats.f_frsize,
-        "needed_bytes": max(expected_bytes, count * expected_bytes - sum(c.size for c in existing)),
+        "needed_bytes": max(expected_bytes, count * expected_bytes - sum(existing)),
         # a data file and a marker per checkpoint, a temp file and the last.pt link
         "free_inodes": stats.f_favail,
         "needed_inodes": max(4, 2 * count + 2 - 2 * len(existing)),
