@@ -365,18 +365,34 @@ def save_checkpoint_or_explain(manager: CheckpointManager, state: dict, *, step:
 
         save_checkpoint_or_explain(manager, state, step=progress.step, epoch=progress.epoch)
     """
-    try:
+    with storage_errors_explained(manager.directory, step=step, epoch=epoch, kind=kind,
+                                  size=tensor_bytes(state)):
         return manager.save(state, step=step, epoch=epoch, kind=kind)
+
+
+@contextlib.contextmanager
+def storage_errors_explained(folder: str | os.PathLike, *, step: int, epoch: int, kind: str,
+                             size: int | None = None):
+    """Turn a storage ``OSError`` raised inside the block, which saves checkpoint
+    ``kind``/``step``/``epoch`` in ``folder``, into ``StorageUnusableError`` with the
+    message of ``explain_failed_save``; other errors pass through unchanged.
+
+    Example::
+
+        with storage_errors_explained(args.ckpt_dir, step=step, epoch=epoch, kind="step"):
+            save_checkpoint(manager, "step", ...)   # a function of your own that saves
+    """
+    try:
+        yield
     except OSError as error:
         if error.errno not in STORAGE_ERRORS:
             raise
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
-        raise StorageUnusableError(
-            explain_failed_save(Path(manager.directory), name, tensor_bytes(state), error)
-        ) from error
+        raise StorageUnusableError(explain_failed_save(Path(folder), name, size, error)) \
+            from error
 
 
-def explain_failed_save(folder: Path, name: str, size: int, error: OSError) -> str:
+def explain_failed_save(folder: Path, name: str, size: int | None, error: OSError) -> str:
     """The message for a save of ``name`` that failed with ``error``; removes what the
     save left behind, unless its completion marker made it (then it is complete)."""
     target = folder / name
@@ -396,8 +412,9 @@ def explain_failed_save(folder: Path, name: str, size: int, error: OSError) -> s
                if last is not None else "there is no earlier checkpoint")
     outcome = ("it was complete, only the steps after it (last.pt, rotation) failed"
                if completed else "the unfinished file was removed")
-    return (f"checkpoint save failed: {cause} while writing {name} (about "
-            f"{human_bytes(size)}) in {folder}, which has {free} free now; {outcome}. The "
+    about = f" (about {human_bytes(size)})" if size is not None else ""
+    return (f"checkpoint save failed: {cause} while writing {name}{about} in {folder}, "
+            f"which has {free} free now; {outcome}. The "
             f"checkpoints saved before are untouched and {earlier}. {advice}")
 
 

@@ -23,8 +23,10 @@ What DDP changes, and how this file deals with it:
 Exit codes, the same on every rank: 0 finished; 3 preempted, saved and requeued (rank 0
 runs scontrol); 75 preempted and saved but not requeued; 4 the emergency save took longer
 than --emergency-save-timeout. 6 (on the ranks still alive) a rank made no progress for
---peer-timeout seconds. --batch-size is per rank. Needs PyTorch, checkpoint_utils.py,
-distributed_utils.py and train_with_checkpoint.py beside this file.
+--peer-timeout seconds; 7 the checkpoint folder cannot hold the checkpoints (every rank
+checks it before training). The NaN/Inf guard of train_with_checkpoint.py is not used
+here. --batch-size is per rank. Needs PyTorch and, beside this file, checkpoint_utils.py,
+distributed_utils.py, train_with_checkpoint.py and the files it needs.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from checkpoint_utils import (
     load_checkpoint_file,
     restore_training_state,
 )
+from checkpoint_staging import StagedCheckpointManager
 from distributed_utils import (
     EXIT_PEER_LOST,
     DistributedContext,
@@ -66,6 +69,14 @@ from distributed_utils import (
     init_distributed,
     restore_rank_rng_state,
     seed_all,
+)
+from preflight import (
+    EXIT_STORAGE_UNUSABLE,
+    StorageUnusableError,
+    check_checkpoint_storage,
+    estimate_checkpoint_bytes,
+    log_job_context,
+    storage_errors_explained,
 )
 
 # ----- CHANGE ME (1/3, 2/3, 3/3): your data, your model and optimizer, your loss.
@@ -304,7 +315,16 @@ def main(argv=None) -> int:
     args = parse_ddp_args(argv)
     ctx = init_distributed(timeout_seconds=collective_timeout(args.peer_timeout))
     configure_logging(ctx.rank)
-    code = train(args, ctx)
+    if ctx.is_main:
+        log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
+    try:
+        code = train(args, ctx)
+    except StorageUnusableError as error:
+        # At start-up every rank finds this by itself. In the middle of a run only rank 0
+        # does, and the others wait in the save's barrier until the watchdog or Slurm ends
+        # them (srun --kill-on-bad-exit).
+        log.error("%s Exit code %d.", error, EXIT_STORAGE_UNUSABLE)
+        return EXIT_STORAGE_UNUSABLE
     # DDP sits in a reference cycle that holds the process group; left for the interpreter
     # to tear down at exit, it now and then aborts a rank ("terminate called without an
     # active exception": about one run in five with 3 ranks, PyTorch 2.13 and gloo).
@@ -339,7 +359,8 @@ class DDPRun:
         # as long as the write itself ends within the peer timeout.
         writing = self.watchdog.busy("writing a checkpoint") if self.ctx.is_main else \
             contextlib.nullcontext()
-        with writing:
+        where = dict(step=self.progress.step, epoch=self.progress.epoch, kind=kind)
+        with writing, storage_errors_explained(self.args.ckpt_dir, **where):
             save_checkpoint(self.manager, kind, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler,
                             sampler=self.sampler, progress=self.progress)
@@ -384,6 +405,16 @@ def make_watchdog(args, model: DistributedDataParallel,
     return watchdog
 
 
+def stage_locally(args, manager: CheckpointManager | None, ctx: DistributedContext):
+    """With --local-stage-dir, rank 0's manager saves to node-local storage and copies to
+    --ckpt-dir in the background (see checkpoint_staging.py); else ``manager`` itself."""
+    if manager is None or not args.local_stage_dir:
+        return manager
+    return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
+                                   keep_time=args.keep_time, max_bytes=args.max_bytes,
+                                   world_size=ctx.world_size)
+
+
 def build_run(args, ctx: DistributedContext) -> DDPRun:
     """Model, data and checkpoint machinery of this rank, resumed from the newest valid
     checkpoint when there is one."""
@@ -410,7 +441,12 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
-    manager = make_checkpoint_manager(args, ctx)
+    # Every rank checks the shared folder, so that each can stop by itself before the
+    # first collective of the training loop.
+    check_checkpoint_storage(args.ckpt_dir, estimate_checkpoint_bytes(
+        model, optimizer, ckpt_dir=args.ckpt_dir), keep=args.keep,
+        keep_time=args.keep_time if args.save_every_seconds else 0)
+    manager = stage_locally(args, make_checkpoint_manager(args, ctx), ctx)
     progress = TrainingProgress()
     checkpoint = load_agreed_checkpoint(manager, Path(args.ckpt_dir))
     if checkpoint is not None:
@@ -486,6 +522,8 @@ def train(args, ctx: DistributedContext) -> int:
                 if (code := train_epoch(run, preemption)) is not None:
                     return code
             run.save("step")  # the last checkpoint holds the final state
+        if isinstance(run.manager, StagedCheckpointManager):  # rank 0, --local-stage-dir
+            run.manager.wait_until_durable()  # exit 0 only once it is in --ckpt-dir
         # Finished: a signal from now on must not turn exit 0 into a kill.
         preemption.ignore_further_signals()
     if ctx.is_main:

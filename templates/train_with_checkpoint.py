@@ -11,12 +11,14 @@ bitwise identical to those of a run that was never interrupted.
 Exit codes: 0 finished; 3 preempted, saved and requeued; 75 preempted and saved but not
 requeued (resubmit, or let the batch script requeue); 4 the emergency save took longer
 than --emergency-save-timeout (the previous checkpoint is still valid); 5 the loss stayed
-NaN/Inf after the allowed rollbacks (see the [nonfinite] lines of the log).
+NaN/Inf after the allowed rollbacks (see the [nonfinite] lines of the log); 7 the checkpoint
+folder cannot be written or is too small (checked before training starts).
 
 To adapt it to your project, change the three blocks marked "CHANGE ME": the data, the
-model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch and
-checkpoint_utils.py beside this file, nonfinite_guard.py for the NaN/Inf guard (without it
-the run trains unguarded, with a warning); NumPy only for the example's data augmentation.
+model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch and,
+beside this file, checkpoint_utils.py (the kit), nonfinite_guard.py (the NaN/Inf guard),
+preflight.py (storage check, job context) and checkpoint_staging.py (--local-stage-dir);
+NumPy only for the example's data augmentation.
 """
 
 from __future__ import annotations
@@ -48,17 +50,23 @@ from checkpoint_utils import (
     verify_checkpoint,
 )
 
-try:
-    from nonfinite_guard import (
-        EXIT_NON_FINITE,
-        STATE_KEY as GUARD_STATE_KEY,
-        NonFiniteGuard,
-        Position,
-        gradient_norm,
-        scale_learning_rate,
-    )
-except ImportError:  # nonfinite_guard.py was not copied beside this file: no guard
-    NonFiniteGuard = None
+from checkpoint_staging import StagedCheckpointManager
+from nonfinite_guard import (
+    EXIT_NON_FINITE,
+    STATE_KEY as GUARD_STATE_KEY,
+    NonFiniteGuard,
+    Position,
+    gradient_norm,
+    scale_learning_rate,
+)
+from preflight import (
+    EXIT_STORAGE_UNUSABLE,
+    StorageUnusableError,
+    check_checkpoint_storage,
+    estimate_checkpoint_bytes,
+    log_job_context,
+    save_checkpoint_or_explain,
+)
 
 # Rollbacks go to step and epoch checkpoints only: they exist at the same steps in every
 # run of the job, while preemption and timer checkpoints depend on when it was stopped.
@@ -79,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=3, help="step/epoch checkpoints to keep")
     p.add_argument("--keep-time", type=int, default=2, help="time-based checkpoints to keep")
     p.add_argument("--max-bytes", type=int, default=None, help="size budget of the folder")
+    p.add_argument("--local-stage-dir", default=None,
+                   help="save to this node-local folder first (e.g. $SLURM_TMPDIR/ckpt) and "
+                        "copy each checkpoint to --ckpt-dir in the background")
     p.add_argument("--emergency-save-timeout", type=float, default=60.0,
                    help="seconds an emergency save may take before the process exits anyway")
     p.add_argument("--no-requeue", dest="requeue", action="store_false",
@@ -198,16 +209,27 @@ def unscaled_gradient_norm(model, scaler):
 
 
 def make_guard(args):
-    """The NaN/Inf guard the flags ask for, or None: turned off, or not installed."""
+    """The NaN/Inf guard the flags ask for, or None when --max-bad-steps is 0."""
     if args.max_bad_steps == 0:
-        return None
-    if NonFiniteGuard is None:
-        logging.getLogger("train").warning(
-            "nonfinite_guard.py is not beside this script: NaN/Inf losses are not checked")
         return None
     return NonFiniteGuard(max_bad_steps=args.max_bad_steps, max_rollbacks=args.max_rollbacks,
                           rollback_lr_factor=args.rollback_lr_factor,
                           skip_bad_batches=args.skip_bad_batches)
+
+
+def make_checkpoint_manager(args, model, optimizer):
+    """Check the checkpoint folder (exit 7 when it cannot hold the checkpoints) before any
+    training time is spent, then return the manager: saving straight to --ckpt-dir, or
+    through --local-stage-dir with a background copy to --ckpt-dir."""
+    expected = estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir)
+    keep_time = args.keep_time if args.save_every_seconds else 0
+    check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep, keep_time=keep_time)
+    if not args.local_stage_dir:
+        return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
+                                 max_bytes=args.max_bytes)
+    check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
+    return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
+                                   keep_time=args.keep_time, max_bytes=args.max_bytes)
 
 
 def newest_rollback_checkpoint(directory, before_step: int):
@@ -255,7 +277,12 @@ def main(argv=None) -> int:
     # checkpoint): a preemption signal that arrives then only sets the flag, and the
     # job saves after its first step instead of dying without a requeue.
     with PreemptionHandler() as preemption:
-        return train(args, preemption)
+        log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
+        try:
+            return train(args, preemption)
+        except StorageUnusableError as error:  # the message says what, where and what to do
+            logging.getLogger("train").error("%s Exit code %d.", error, EXIT_STORAGE_UNUSABLE)
+            return EXIT_STORAGE_UNUSABLE
 
 
 def train(args, preemption: PreemptionHandler) -> int:
@@ -278,8 +305,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     model, optimizer, scheduler = make_model_and_optimizer(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
 
-    manager = CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
-                                max_bytes=args.max_bytes)
+    manager = make_checkpoint_manager(args, model, optimizer)
     schedule = SaveSchedule(every_steps=args.save_every_steps,
                             every_epochs=args.save_every_epochs,
                             every_seconds=args.save_every_seconds)
@@ -298,7 +324,8 @@ def train(args, preemption: PreemptionHandler) -> int:
                                        scaler=scaler, sampler=sampler, progress=progress)
         if guard and guard.has_history():  # else the checkpoint stays as without a guard
             state[GUARD_STATE_KEY] = guard.state_dict()
-        manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
+        save_checkpoint_or_explain(manager, state, step=progress.step, epoch=progress.epoch,
+                                   kind=kind)
         schedule.mark_saved()
 
     bar = ProgressLine(args.steps, progress.step, args.log_every)
@@ -358,6 +385,8 @@ def train(args, preemption: PreemptionHandler) -> int:
             if epoch_finished:
                 break  # start the next epoch with a fresh data order
     save("step")  # the last checkpoint holds the final state
+    if isinstance(manager, StagedCheckpointManager):
+        manager.wait_until_durable()  # exit 0 only once the last checkpoint is in --ckpt-dir
     # Finished: a signal from now on must not turn exit 0 into a kill.
     preemption.ignore_further_signals()
     elapsed = time.monotonic() - started

@@ -20,7 +20,9 @@ from slurm_cluster import last_step, user_project
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
-KIT = ("train_with_checkpoint.py", "checkpoint_utils.py")
+# What a user copies for the single-process template: the script and the files it imports.
+KIT = ("train_with_checkpoint.py", "checkpoint_utils.py", "nonfinite_guard.py", "preflight.py",
+       "checkpoint_staging.py")
 # Slow steps, so that signals land mid-run however fast the machine is.
 SLOW = "--steps {steps} --simulate-step-seconds 0.02 --save-every-steps 50 --log-every 10"
 
@@ -263,7 +265,7 @@ def test_trap_fires_only_while_the_shell_waits(form, slurm, tmp_path):
 # ------------------------------------------------------------------ preflight
 @pytest.mark.parametrize("sbatch", ["preemptible.sbatch", "preemptible_srun.sbatch"])
 def test_preflight_passes_in_the_templates(sbatch, slurm, tmp_path):
-    project = user_project(tmp_path, *KIT, "preflight.py", sbatch)
+    project = user_project(tmp_path, *KIT, sbatch)
     job_id = slurm.submit(project / sbatch, project, "--job-name=preflight",
                           PROGRAM="preflight.py", TRAIN_ARGS="--state-mb 20")
     job = slurm.wait_final(job_id)
@@ -275,7 +277,7 @@ def test_preflight_passes_in_the_templates(sbatch, slurm, tmp_path):
 
 
 def test_preflight_catches_a_foreground_child_and_a_missing_signal(slurm, tmp_path):
-    project = user_project(tmp_path, *KIT, "preflight.py")
+    project = user_project(tmp_path, *KIT)
     script = project / "foreground.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --output=%x-%j.out\n"
                       "trap 'kill -USR1 $(pgrep -f preflight.py)' USR1\n"

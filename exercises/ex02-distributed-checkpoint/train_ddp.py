@@ -18,15 +18,24 @@ What DDP changes, and how this file deals with it:
   (one all-reduce), so all ranks stop after the same step, save once, and exit with the
   same code; the timer checkpoint follows rank 0's clock for the same reason.
 
+* A rank that hangs (in compute, in a deadlock, in a stuck file system read) would keep
+  the others waiting in a collective. A watchdog thread on every rank names the rank the
+  others wait for once it has made no progress for --peer-timeout seconds, and the ranks
+  still alive exit 6. srun --kill-on-bad-exit then ends the stuck one; resume as usual.
+
 Exit codes, the same on every rank: 0 finished; 3 preempted, saved and requeued (rank 0
 runs scontrol); 75 preempted and saved but not requeued; 4 the emergency save took longer
-than --emergency-save-timeout. --batch-size is per rank. Needs PyTorch, checkpoint_utils.py,
-distributed_utils.py and train_with_checkpoint.py beside this file.
+than --emergency-save-timeout. 6 (on the ranks still alive) a rank made no progress for
+--peer-timeout seconds; 7 the checkpoint folder cannot hold the checkpoints (every rank
+checks it before training). The NaN/Inf guard of train_with_checkpoint.py is not used
+here. --batch-size is per rank. Needs PyTorch and, beside this file, checkpoint_utils.py,
+distributed_utils.py, train_with_checkpoint.py and the files it needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import sys
@@ -53,13 +62,24 @@ from checkpoint_utils import (
     load_checkpoint_file,
     restore_training_state,
 )
+from checkpoint_staging import StagedCheckpointManager
 from distributed_utils import (
+    EXIT_PEER_LOST,
     DistributedContext,
+    PeerWatchdog,
     StepAgreement,
     gather_rng_states,
     init_distributed,
     restore_rank_rng_state,
     seed_all,
+)
+from preflight import (
+    EXIT_STORAGE_UNUSABLE,
+    StorageUnusableError,
+    check_checkpoint_storage,
+    estimate_checkpoint_bytes,
+    log_job_context,
+    storage_errors_explained,
 )
 
 # ----- CHANGE ME (1/3, 2/3, 3/3): your data, your model and optimizer, your loss.
@@ -85,6 +105,37 @@ def configure_logging(rank: int) -> None:
     where = "" if rank == 0 else f" rank {rank}"
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"[%(name)s{where}] %(message)s")
+
+
+def parse_ddp_args(argv=None) -> argparse.Namespace:
+    """The single-process template's options plus those of several ranks."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False,
+                                usage=argparse.SUPPRESS, description="Options of several ranks:")
+    p.add_argument("--peer-timeout", type=float, default=180.0, metavar="SECONDS",
+                   help=f"exit {EXIT_PEER_LOST} once a rank has made no progress for this long while the "
+                        "others wait for it; longer than the longest step and the longest "
+                        "checkpoint save (0: off; default: %(default)s)")
+    p.add_argument("--drill-hang-rank", type=int, default=None, metavar="R",
+                   help="rehearsal tool: rank R stops in its data loading, as on a stuck "
+                        "file system, at --drill-hang-at-step; run again without it to resume")
+    p.add_argument("--drill-hang-at-step", type=int, default=None, metavar="S",
+                   help="the step in which the drill's rank stops")
+    p.add_argument("--drill-hang-seconds", type=float, default=None, metavar="SECONDS",
+                   help="how long it stops (default: for ever; less than --peer-timeout "
+                        "rehearses a slow rank that must not stop the run)")
+    own, rest = p.parse_known_args(argv)
+    if {"-h", "--help"} & set(rest):
+        p.print_help()
+        print()
+    args = parse_args(rest)  # exits after printing its own help, too
+    return argparse.Namespace(**vars(args), **vars(own))
+
+
+def collective_timeout(peer_timeout: float) -> float:
+    """The process group's own timeout, a backstop for what the watchdog cannot see (it
+    runs from the first step on). It must be longer than the peer timeout, or a plain
+    collective error would come first and never say which rank was stuck."""
+    return max(300.0, 2 * peer_timeout)
 
 
 def load_agreed_checkpoint(manager: CheckpointManager | None, ckpt_dir: Path) -> dict | None:
@@ -231,10 +282,19 @@ def agreed_exit_code(preemption: PreemptionHandler, *, requeue: bool) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    ctx = init_distributed()
+    args = parse_ddp_args(argv)
+    ctx = init_distributed(timeout_seconds=collective_timeout(args.peer_timeout))
     configure_logging(ctx.rank)
-    code = train(args, ctx)
+    if ctx.is_main:
+        log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
+    try:
+        code = train(args, ctx)
+    except StorageUnusableError as error:
+        # At start-up every rank finds this by itself. In the middle of a run only rank 0
+        # does, and the others wait in the save's barrier until the watchdog or Slurm ends
+        # them (srun --kill-on-bad-exit).
+        log.error("%s Exit code %d.", error, EXIT_STORAGE_UNUSABLE)
+        return EXIT_STORAGE_UNUSABLE
     # DDP sits in a reference cycle that holds the process group; left for the interpreter
     # to tear down at exit, it now and then aborts a rank ("terminate called without an
     # active exception": about one run in five with 3 ranks, PyTorch 2.13 and gloo).
@@ -254,19 +314,75 @@ class DDPRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     sampler: ResumableSampler
-    loader: DataLoader
+    loader: DataLoader | HangingLoader  # HangingLoader in a drill only
     manager: CheckpointManager | None  # rank 0's; None on the other ranks
     schedule: SaveSchedule
     agreement: StepAgreement
     progress: TrainingProgress
     bar: ProgressLine | None  # rank 0's
+    watchdog: PeerWatchdog
 
     def save(self, kind: str) -> None:
         """Save a checkpoint of this step; every rank calls it at the same step."""
-        save_checkpoint(self.manager, kind, model=self.model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, scaler=self.scaler, sampler=self.sampler,
-                        progress=self.progress)
+        self.watchdog.arrive("entering the checkpoint save")
+        # The other ranks wait for rank 0's write in save_checkpoint: that is progress,
+        # as long as the write itself ends within the peer timeout.
+        writing = self.watchdog.busy("writing a checkpoint") if self.ctx.is_main else \
+            contextlib.nullcontext()
+        where = dict(step=self.progress.step, epoch=self.progress.epoch, kind=kind)
+        with writing, storage_errors_explained(self.args.ckpt_dir, **where):
+            save_checkpoint(self.manager, kind, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=self.scaler,
+                            sampler=self.sampler, progress=self.progress)
         self.schedule.mark_saved()
+
+
+class HangingLoader:
+    """The data loader of a drill (--drill-hang-rank): on the chosen rank, fetching the
+    batch of the chosen step stops, for ever or for a while, the way a read from a stuck
+    file system does. The other ranks meanwhile wait in the step's gradient all-reduce."""
+
+    def __init__(self, loader: DataLoader, progress: TrainingProgress, at_step: int,
+                 seconds: float | None):
+        self.loader, self.progress = loader, progress
+        self.at_step, self.seconds = at_step, seconds
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.progress.step + 1 == self.at_step:
+                self.stop()
+            yield batch
+
+    def stop(self) -> None:
+        how_long = "for ever" if self.seconds is None else f"for {self.seconds:g} s"
+        log.warning("drill: this rank stops in step %d %s (--drill-hang-rank)",
+                    self.at_step, how_long)
+        sys.stdout.flush()
+        deadline = None if self.seconds is None else time.monotonic() + self.seconds
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.05 if deadline else 3600)
+
+
+def make_watchdog(args, model: DistributedDataParallel,
+                  progress: TrainingProgress) -> PeerWatchdog:
+    """The liveness watchdog of this rank (see PeerWatchdog), also counting DDP's
+    gradient all-reduce, the collective in the middle of every step."""
+    watchdog = PeerWatchdog(args.peer_timeout, current_step=lambda: progress.step)
+    watchdog.watch_gradient_sync(model)
+    return watchdog
+
+
+def stage_locally(args, manager: CheckpointManager | None, ctx: DistributedContext):
+    """With --local-stage-dir, rank 0's manager saves to node-local storage and copies to
+    --ckpt-dir in the background (see checkpoint_staging.py); else ``manager`` itself."""
+    if manager is None or not args.local_stage_dir:
+        return manager
+    return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
+                                   keep_time=args.keep_time, max_bytes=args.max_bytes,
+                                   world_size=ctx.world_size)
 
 
 def build_run(args, ctx: DistributedContext) -> DDPRun:
@@ -295,7 +411,12 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
-    manager = make_checkpoint_manager(args, ctx)
+    # Every rank checks the shared folder, so that each can stop by itself before the
+    # first collective of the training loop.
+    check_checkpoint_storage(args.ckpt_dir, estimate_checkpoint_bytes(
+        model, optimizer, ckpt_dir=args.ckpt_dir), keep=args.keep,
+        keep_time=args.keep_time if args.save_every_seconds else 0)
+    manager = stage_locally(args, make_checkpoint_manager(args, ctx), ctx)
     progress = TrainingProgress()
     checkpoint = load_agreed_checkpoint(manager, Path(args.ckpt_dir))
     if checkpoint is not None:
@@ -307,8 +428,12 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
                             every_epochs=args.save_every_epochs,
                             every_seconds=args.save_every_seconds)
     bar = ProgressLine(args.steps, progress.step, args.log_every) if ctx.is_main else None
+    if args.drill_hang_rank == ctx.rank and args.drill_hang_at_step is not None:
+        loader = HangingLoader(loader, progress, args.drill_hang_at_step,
+                               args.drill_hang_seconds)
+    watchdog = make_watchdog(args, model, progress)
     return DDPRun(args, ctx, model, optimizer, scheduler, scaler, sampler, loader, manager,
-                  schedule, StepAgreement(device), progress, bar)
+                  schedule, StepAgreement(device, watchdog=watchdog), progress, bar, watchdog)
 
 
 def train_epoch(run: DDPRun, preemption: PreemptionHandler) -> int | None:
@@ -335,10 +460,13 @@ def train(args, ctx: DistributedContext) -> int:
         run = build_run(args, ctx)
         started = time.monotonic()
         run.model.train()
-        while run.progress.step < args.steps:
-            if (code := train_epoch(run, preemption)) is not None:
-                return code
-        run.save("step")  # the last checkpoint holds the final state
+        with run.watchdog:  # from here on a rank that stops making progress is reported
+            while run.progress.step < args.steps:
+                if (code := train_epoch(run, preemption)) is not None:
+                    return code
+            run.save("step")  # the last checkpoint holds the final state
+        if isinstance(run.manager, StagedCheckpointManager):  # rank 0, --local-stage-dir
+            run.manager.wait_until_durable()  # exit 0 only once it is in --ckpt-dir
         # Finished: a signal from now on must not turn exit 0 into a kill.
         preemption.ignore_further_signals()
     if ctx.is_main:
