@@ -90,6 +90,12 @@ class Fault(Interruption):
                 self.delay, lambda: self._fire(attempt, processes)))
 
     def progressed(self, attempt: Attempt, processes) -> None:
+        if self.kind == "disk-full" and self.landed:
+            # A rotation that ran while the disk was being filled freed room for one more
+            # save, and each save's own rotation would free the room for the next: take
+            # it back, so that the next save really fails.
+            fill_file_system(self.ckpt_dir)
+            return
         if self.kind == "signal-at-start":
             # Start-up took less than the drawn delay: the first step is still "at start",
             # and a timer left to run might fire after a short resumed run has ended.
@@ -203,17 +209,15 @@ FILLER_NAME = ".chaos-filler"
 
 
 def fill_file_system(folder: Path, leave_bytes: int = 4096) -> bool:
-    """Fill the file system of ``folder`` up to ``leave_bytes``, so the next save fails."""
+    """Fill the file system of ``folder`` up to ``leave_bytes``, so the next save fails.
+    Appends to the filler: called again, it takes back what was freed meanwhile."""
     free = shutil.disk_usage(folder).free - leave_bytes
     if free <= 0:
         return True
-    with open(folder / FILLER_NAME, "wb") as filler:
+    with open(folder / FILLER_NAME, "ab", buffering=0) as filler:  # unbuffered: no late error
         try:
-            filler.truncate(0)
-            for _ in range(free // (1 << 20) + 1):
-                filler.write(b"\0" * min(1 << 20, free - filler.tell()))
-                if filler.tell() >= free:
-                    break
+            while free > 0:
+                free -= filler.write(b"\0" * min(1 << 20, free))
         except OSError:
             pass  # full already: that is the point
     return True
