@@ -290,9 +290,9 @@ def main(argv=None) -> int:
     try:
         code = train(args, ctx)
     except StorageUnusableError as error:
-        # At start-up every rank finds this by itself. In the middle of a run only rank 0
-        # does, and the others wait in the save's barrier until the watchdog or Slurm ends
-        # them (srun --kill-on-bad-exit).
+        # At start-up every rank gets rank 0's finding. In the middle of a run only rank 0
+        # has it, and the others wait in the save's barrier until the watchdog or Slurm
+        # ends them (srun --kill-on-bad-exit).
         log.error("%s Exit code %d.", error, EXIT_STORAGE_UNUSABLE)
         return EXIT_STORAGE_UNUSABLE
     # DDP sits in a reference cycle that holds the process group; left for the interpreter
@@ -375,6 +375,24 @@ def make_watchdog(args, model: DistributedDataParallel,
     return watchdog
 
 
+def check_storage_on_rank_0(args, model, optimizer, ctx: DistributedContext) -> None:
+    """Rank 0 checks the checkpoint folder, the one it alone writes to, and tells the
+    others: every rank then raises StorageUnusableError together, before the first
+    collective of training. (Probes of all ranks at once would race with the cleanup of
+    rank 0's manager, which removes unfinished files.)"""
+    problem = [None]
+    if ctx.is_main:
+        try:
+            check_checkpoint_storage(
+                args.ckpt_dir, estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir),
+                keep=args.keep, keep_time=args.keep_time if args.save_every_seconds else 0)
+        except StorageUnusableError as error:
+            problem = [str(error)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise StorageUnusableError(problem[0])
+
+
 def stage_locally(args, manager: CheckpointManager | None, ctx: DistributedContext):
     """With --local-stage-dir, rank 0's manager saves to node-local storage and copies to
     --ckpt-dir in the background (see checkpoint_staging.py); else ``manager`` itself."""
@@ -411,11 +429,7 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
-    # Every rank checks the shared folder, so that each can stop by itself before the
-    # first collective of the training loop.
-    check_checkpoint_storage(args.ckpt_dir, estimate_checkpoint_bytes(
-        model, optimizer, ckpt_dir=args.ckpt_dir), keep=args.keep,
-        keep_time=args.keep_time if args.save_every_seconds else 0)
+    check_storage_on_rank_0(args, model, optimizer, ctx)
     manager = stage_locally(args, make_checkpoint_manager(args, ctx), ctx)
     progress = TrainingProgress()
     checkpoint = load_agreed_checkpoint(manager, Path(args.ckpt_dir))
