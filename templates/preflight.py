@@ -47,9 +47,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_utils import (CHECKPOINT_SUFFIX, KIND_NAME_FORMAT, TEMP_PREFIX, CheckpointError,
-                              CheckpointManager, PreemptionHandler, fsync_directory,
-                              marker_path, read_last_pointer)
+from checkpoint_utils import (CHECKPOINT_SUFFIX, KIND_NAME_FORMAT, TEMP_PREFIX, AsyncSaveError,
+                              CheckpointError, CheckpointManager, PreemptionHandler,
+                              fsync_directory, marker_path, read_last_pointer)
 
 EXIT_STORAGE_UNUSABLE = 7
 
@@ -384,11 +384,13 @@ def storage_errors_explained(folder: str | os.PathLike, *, step: int, epoch: int
     """
     try:
         yield
-    except OSError as error:
-        if error.errno not in STORAGE_ERRORS:
+    except (OSError, AsyncSaveError) as error:
+        # A background save (save_async) reports its OSError as the cause of AsyncSaveError.
+        cause = error if isinstance(error, OSError) else error.__cause__
+        if not isinstance(cause, OSError) or cause.errno not in STORAGE_ERRORS:
             raise
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
-        raise StorageUnusableError(explain_failed_save(Path(folder), name, size, error)) \
+        raise StorageUnusableError(explain_failed_save(Path(folder), name, size, cause)) \
             from error
 
 

@@ -66,6 +66,7 @@ from preflight import (
     estimate_checkpoint_bytes,
     log_job_context,
     save_checkpoint_or_explain,
+    storage_errors_explained,
 )
 
 # Rollbacks go to step and epoch checkpoints only: they exist at the same steps in every
@@ -87,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=3, help="step/epoch checkpoints to keep")
     p.add_argument("--keep-time", type=int, default=2, help="time-based checkpoints to keep")
     p.add_argument("--max-bytes", type=int, default=None, help="size budget of the folder")
+    p.add_argument("--async-save", action="store_true",
+                   help="write periodic checkpoints in the background (training waits only "
+                        "for a copy into reused buffers); preemption and final saves wait")
     p.add_argument("--local-stage-dir", default=None,
                    help="save to this node-local folder first (e.g. $SLURM_TMPDIR/ckpt) and "
                         "copy each checkpoint to --ckpt-dir in the background")
@@ -100,7 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--simulate-step-seconds", type=float, default=0.0,
                    help="pause after each step, to imitate a slower model in demos and tests")
     add_nonfinite_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.async_save and args.local_stage_dir:
+        p.error("--async-save and --local-stage-dir both move the write off the training "
+                "thread: choose one")
+    return args
 
 
 def add_nonfinite_arguments(p: argparse.ArgumentParser) -> None:
@@ -319,19 +327,36 @@ def train(args, preemption: PreemptionHandler) -> int:
             guard.load_state_dict(checkpoint.get(GUARD_STATE_KEY))
         del checkpoint
 
-    def save(kind: str) -> None:
+    in_flight = []  # [(PendingSave, epoch)] of the --async-save still being written
+
+    def finish_background_save() -> None:
+        """Wait for the background save, explaining a storage failure as a sync save would."""
+        while in_flight:
+            pending, epoch = in_flight.pop()
+            with storage_errors_explained(manager.directory, step=pending.step, epoch=epoch,
+                                          kind=pending.kind):
+                pending.wait()
+
+    def save(kind: str, background: bool = False) -> None:
+        finish_background_save()
         state = capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, sampler=sampler, progress=progress)
         if guard and guard.has_history():  # else the checkpoint stays as without a guard
             state[GUARD_STATE_KEY] = guard.state_dict()
-        save_checkpoint_or_explain(manager, state, step=progress.step, epoch=progress.epoch,
-                                   kind=kind)
+        if background:  # copied into reused buffers: training may change the model at once
+            in_flight.append((manager.save_async(state, step=progress.step,
+                                                 epoch=progress.epoch, kind=kind),
+                              progress.epoch))
+        else:
+            save_checkpoint_or_explain(manager, state, step=progress.step,
+                                       epoch=progress.epoch, kind=kind)
         schedule.mark_saved()
 
     bar = ProgressLine(args.steps, progress.step, args.log_every)
 
     def roll_back() -> TrainingProgress | None:
         """Back to the newest step/epoch checkpoint; None when the guard gives up."""
+        finish_background_save()  # the folder must show every checkpoint saved so far
         info, checkpoint = newest_rollback_checkpoint(manager.directory, progress.step)
         if not guard.plan_rollback(at_step=progress.step, target_step=info and info.step):
             return None
@@ -381,7 +406,7 @@ def train(args, preemption: PreemptionHandler) -> int:
             kind = schedule.due(step=progress.step, epoch=progress.epoch,
                                 epoch_finished=epoch_finished)
             if kind:
-                save(kind)
+                save(kind, background=args.async_save)
             if epoch_finished:
                 break  # start the next epoch with a fresh data order
     save("step")  # the last checkpoint holds the final state

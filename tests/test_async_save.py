@@ -16,6 +16,9 @@ import pytest
 import torch
 
 import checkpoint_utils as cu
+from compare_checkpoints import checkpoint_differences
+from conftest import TEMPLATES
+from interrupted_run import Interruption, run_once, run_until_finished
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -271,3 +274,38 @@ def test_a_process_that_exits_after_save_async_finishes_the_save(tmp_path):
     info = cu.read_marker(tmp_path / "step_00000002.pt")
     cu.verify_checkpoint(info)
     assert os.readlink(tmp_path / "last.pt") == "step_00000002.pt"
+
+
+# ----------------------------------------------------------------------------- the template
+def template_command(python: str, ckpt_dir: Path, *extra: str) -> list[str]:
+    return [python, str(TEMPLATES / "train_with_checkpoint.py"), "--ckpt-dir", str(ckpt_dir),
+            "--steps", "240", "--save-every-steps", "20", "--log-every", "1", "--no-requeue",
+            *extra]
+
+
+def without_slurm() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+@pytest.mark.integration
+def test_template_with_async_save_resumes_bitwise_like_a_sync_run(tmp_path, python_exe):
+    """--async-save writes the periodic checkpoints in the background; a SIGUSR1 (whose
+    emergency save must first finish the background one) and a SIGKILL (which may land in
+    a background write) later, the run ends exactly where a synchronous one does."""
+    reference = run_once(template_command(python_exe, tmp_path / "sync"), env=without_slurm())
+    assert reference.exit_code == 0, "\n".join(reference.output[-10:])
+    attempts = run_until_finished(
+        template_command(python_exe, tmp_path / "async", "--async-save"),
+        [Interruption(70, signal.SIGUSR1), Interruption(150, signal.SIGKILL)],
+        env=without_slurm(), timeout=120)
+    assert [a.exit_code for a in attempts] == [75, -signal.SIGKILL, 0]
+    differences = checkpoint_differences(tmp_path / "sync" / "last.pt",
+                                         tmp_path / "async" / "last.pt")
+    assert differences == [], "\n".join(differences[:10])
+
+
+def test_template_refuses_async_save_with_local_staging(tmp_path, python_exe):
+    result = subprocess.run(template_command(python_exe, tmp_path / "c", "--async-save",
+                                             "--local-stage-dir", str(tmp_path / "local")),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "choose one" in result.stderr, result.stderr
