@@ -18,7 +18,7 @@ buffer and its place in the epoch. Determinism: ``enable_op_determinism()`` make
 TensorFlow's CPU kernels give the same bits run after run.
 
 To adapt it, change the three blocks marked "CHANGE ME". Needs TensorFlow (tensorflow-cpu
-on a CPU node) and tf_checkpoint_utils.py beside this file.
+on a CPU node), and tf_checkpoint_utils.py and job_context.py beside this file.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 import keras  # noqa: E402  (the environment variable must be set before the import)
 import tensorflow as tf  # noqa: E402
 
+from job_context import log_job_context  # noqa: E402
 from tf_checkpoint_utils import (  # noqa: E402
     EXIT_FINISHED,
     EmergencyDeadline,
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     # First thing, as in the PyTorch template: a signal during the slow start-up only
     # sets the flag.
     with PreemptionHandler() as preemption:
+        log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
         return train(args, preemption)
 
 

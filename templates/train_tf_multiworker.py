@@ -25,8 +25,8 @@ What several workers change, and how this file deals with it:
 * A signal may reach one worker only: each step sums a "stop" flag over all workers, so
   they all stop after the same step, save together and exit. Only the chief requeues.
 
---batch-size is per worker. Needs TensorFlow, tf_checkpoint_utils.py and train_tf.py (for
-the data, the model and the loss: change them there) beside this file.
+--batch-size is per worker. Needs TensorFlow, and tf_checkpoint_utils.py, job_context.py and
+train_tf.py (for the data, the model and the loss: change them there) beside this file.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from job_context import log_job_context  # noqa: E402
 from tf_checkpoint_utils import (  # noqa: E402
     EXIT_FINISHED,
     CheckpointError,
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     for chatty in ("absl", "tensorflow"):  # a line per save, and the strategy's set-up
         logging.getLogger(chatty).setLevel(logging.WARNING)
     with PreemptionHandler() as preemption:  # first: a signal during start-up sets the flag
+        if worker == 0:
+            log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         preemption.reinstall()  # the strategy's runtime took SIGTERM over
         return train(args, strategy, worker, preemption)

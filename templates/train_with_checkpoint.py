@@ -17,7 +17,8 @@ folder cannot be written or is too small (checked before training starts).
 To adapt it to your project, change the three blocks marked "CHANGE ME": the data, the
 model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch and,
 beside this file, checkpoint_utils.py (the kit), nonfinite_guard.py (the NaN/Inf guard),
-preflight.py (storage check, job context) and checkpoint_staging.py (--local-stage-dir);
+preflight.py (storage check), job_context.py (the job's context in the log) and
+checkpoint_staging.py (--local-stage-dir);
 NumPy only for the example's data augmentation.
 """
 

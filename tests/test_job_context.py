@@ -1,4 +1,4 @@
-"""The job-context block a training run logs at start-up (preflight.log_job_context):
+"""The job-context block a training run logs at start-up (job_context.log_job_context):
 outside Slurm one line; inside, job id, array, restarts, nodes, tasks, time limit and time
 left, the warning signal, host and checkpoint folder; a missing scontrol is reported in the
 block, never a traceback. One real Slurm job, requeued once, logs the right restart count."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from preflight import log_job_context
+from job_context import log_job_context
 from slurm_cluster import user_project
 
 pytestmark = pytest.mark.resilience
@@ -79,7 +79,7 @@ def test_an_odd_job_id_is_never_passed_to_a_command(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ a real Slurm job
 CONTEXT_JOB = """\
 import logging, os, subprocess, sys, time
-from preflight import log_job_context
+from job_context import log_job_context  # alone: the standard library only
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(name)s] %(message)s")
 log_job_context("checkpoints")
@@ -104,7 +104,7 @@ python context_job.py
 @pytest.mark.integration
 @pytest.mark.slurm
 def test_real_job_logs_its_context_in_each_run_with_the_restart_count(slurm, tmp_path):
-    project = user_project(tmp_path, "checkpoint_utils.py", "preflight.py")
+    project = user_project(tmp_path, "job_context.py")
     (project / "context_job.py").write_text(CONTEXT_JOB)
     (project / "context.sbatch").write_text(CONTEXT_SBATCH)
     job_id = slurm.submit(project / "context.sbatch", project)
@@ -117,7 +117,7 @@ def test_real_job_logs_its_context_in_each_run_with_the_restart_count(slurm, tmp
         assert f"Slurm job id:      {job_id}\n" in block, output
         assert f"restart count:     {restart}\n" in block, output
         assert "array:             not an array job" in block
-        assert re.search(r"time limit:        5:00, [0-4]:\d\d left\n", block), block
+        assert re.search(r"time limit:        5:00, ([0-4]:\d\d|5:00) left\n", block), block
         assert ("warning signal:    SIGUSR1 45 s before the time limit, to the batch shell "
                 "(B:)") in block
         assert f"checkpoint folder: {project / 'checkpoints'}\n" in block
