@@ -26,6 +26,12 @@ for folder in (TEMPLATES, SCRIPTS):
         sys.path.insert(0, str(folder))
 
 
+def outside_slurm() -> dict:
+    """This process's environment without SLURM_* variables: a run started by a test must
+    not think it is a task of the Slurm job the suite itself may be running in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
 def skip_or_fail(message: str) -> None:
     """Skip a test that cannot run here, saying why; under CI=true fail instead, because
     CI must run every test."""

@@ -17,7 +17,7 @@ import torch
 
 import checkpoint_utils as cu
 from compare_checkpoints import checkpoint_differences
-from conftest import TEMPLATES
+from conftest import TEMPLATES, outside_slurm
 from interrupted_run import Interruption, run_once, run_until_finished
 
 REPO = Path(__file__).resolve().parent.parent
@@ -283,21 +283,18 @@ def template_command(python: str, ckpt_dir: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def without_slurm() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-
 
 @pytest.mark.integration
 def test_template_with_async_save_resumes_bitwise_like_a_sync_run(tmp_path, python_exe):
     """--async-save writes the periodic checkpoints in the background; a SIGUSR1 (whose
     emergency save must first finish the background one) and a SIGKILL (which may land in
     a background write) later, the run ends exactly where a synchronous one does."""
-    reference = run_once(template_command(python_exe, tmp_path / "sync"), env=without_slurm())
+    reference = run_once(template_command(python_exe, tmp_path / "sync"), env=outside_slurm())
     assert reference.exit_code == 0, "\n".join(reference.output[-10:])
     attempts = run_until_finished(
         template_command(python_exe, tmp_path / "async", "--async-save"),
         [Interruption(70, signal.SIGUSR1), Interruption(150, signal.SIGKILL)],
-        env=without_slurm(), timeout=120)
+        env=outside_slurm(), timeout=120)
     assert [a.exit_code for a in attempts] == [75, -signal.SIGKILL, 0]
     differences = checkpoint_differences(tmp_path / "sync" / "last.pt",
                                          tmp_path / "async" / "last.pt")

@@ -15,7 +15,7 @@ import torch
 
 from checkpoint_utils import TrainingProgress, capture_training_state
 from compare_checkpoints import checkpoint_differences, state_differences
-from conftest import TEMPLATES
+from conftest import TEMPLATES, outside_slurm
 from distributed_utils import detect_launcher
 from interrupted_run import Attempt, Interruption, run_once, run_ranks, run_until_finished
 from train_with_checkpoint import make_model_and_optimizer, parse_args
@@ -40,7 +40,7 @@ def ddp_command(ckpt_dir: Path) -> list[str]:
 def rank_env() -> dict:
     """One thread per rank (two ranks share two cores), and no Slurm variables from the
     machine running the tests: the ranks must see only what the supervisor gives them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = outside_slurm()
     return {**env, "OMP_NUM_THREADS": "1"}
 
 

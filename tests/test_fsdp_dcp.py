@@ -34,7 +34,7 @@ import pytest
 
 import sharded_checkpoint as sc
 from compare_checkpoints import checkpoint_differences
-from conftest import TEMPLATES
+from conftest import TEMPLATES, outside_slurm
 from interrupted_run import PROGRESS, RESUMED
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
@@ -80,8 +80,8 @@ def free_port() -> int:
 
 def rank_environment(rank: int, world_size: int, port: int, style: str) -> dict:
     """What srun (one task per rank) or torchrun give each rank."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in outside_slurm().items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port))
     if style == "srun":

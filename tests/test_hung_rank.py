@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from compare_checkpoints import checkpoint_differences
-from conftest import TEMPLATES
+from conftest import TEMPLATES, outside_slurm
 from distributed_utils import EXIT_PEER_LOST, PeerRecord, find_stuck_ranks
 from interrupted_run import Attempt, Interruption, run_ranks, run_until_finished
 
@@ -48,7 +48,7 @@ def hang_drill(rank: int, step: int = HANG_AT, seconds: float | None = None) -> 
 
 
 def rank_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = outside_slurm()
     return {**env, "OMP_NUM_THREADS": "1"}
 
 

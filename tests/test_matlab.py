@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_command
+from conftest import REPO, outside_slurm, require_command
 from slurm_cluster import last_step
 
 pytestmark = [pytest.mark.matlab]
@@ -312,7 +312,7 @@ def project_folder(tmp_path: Path) -> Path:
 
 
 def job_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = outside_slurm()
     return {**env, "MATLAB_CMD": OCTAVE_CMD,
             "RUN_ARGS": run_args(step_seconds=SLOW_STEP), **extra}
 

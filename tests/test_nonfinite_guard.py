@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
 import signal
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from compare_checkpoints import checkpoint_differences, load
-from conftest import TEMPLATES
+from conftest import TEMPLATES, outside_slurm
 from interrupted_run import Interruption, run_once, run_until_finished
 from nonfinite_guard import (EXIT_NON_FINITE, STATE_KEY, NonFiniteGuard, Position,
                              gradient_norm, scale_learning_rate)
@@ -225,13 +224,10 @@ def command(python: str, ckpt_dir, *extra: str) -> list[str]:
             "--no-requeue", "--max-bad-steps", "5", *extra]
 
 
-def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-
 
 def finish(python, ckpt_dir, *extra, interruptions=()):
     attempts = run_until_finished(command(python, ckpt_dir, *extra), interruptions,
-                                  env=clean_env(), timeout=120)
+                                  env=outside_slurm(), timeout=120)
     return attempts, "\n".join(line for a in attempts for line in a.output)
 
 
@@ -343,7 +339,7 @@ def test_signal_in_the_middle_of_a_streak_then_resume_ends_bitwise_identical(
 ], ids=["lower-lr-alone", "no-rollbacks"])
 def test_the_guard_gives_up_with_exit_code_5(extra, reason, tmp_path, python_exe):
     attempt = run_once(command(python_exe, tmp_path, "--inject-nonfinite", STREAK, *extra),
-                       env=clean_env(), timeout=120)
+                       env=outside_slurm(), timeout=120)
     assert attempt.exit_code == EXIT_NON_FINITE == 5, "\n".join(attempt.output[-10:])
     last = attempt.output[-1]
     assert last.startswith(f"[nonfinite] step {LAST_BAD}: giving up") and reason in last
@@ -357,9 +353,9 @@ def test_without_bad_values_the_guard_changes_nothing(amp, tmp_path, python_exe)
     """Bitwise the run of the template without the guard (--max-bad-steps 0 takes the
     template's original code path), and no guard entry in the checkpoint."""
     flags = ["--amp"] if amp else []
-    guarded = run_once(command(python_exe, tmp_path / "guarded", *flags), env=clean_env())
+    guarded = run_once(command(python_exe, tmp_path / "guarded", *flags), env=outside_slurm())
     unguarded = run_once(command(python_exe, tmp_path / "unguarded", *flags,
-                                 "--max-bad-steps", "0"), env=clean_env())
+                                 "--max-bad-steps", "0"), env=outside_slurm())
     assert guarded.exit_code == unguarded.exit_code == 0
     assert STATE_KEY not in load(tmp_path / "guarded" / "last.pt")
     assert_same(tmp_path / "guarded", tmp_path / "unguarded")

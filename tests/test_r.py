@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_command, skip_or_fail
+from conftest import REPO, outside_slurm, require_command, skip_or_fail
 from slurm_cluster import last_step
 
 pytestmark = [pytest.mark.r]
@@ -36,7 +36,7 @@ def rscript() -> str:
 
 def without_slurm(**extra: str) -> dict:
     """The environment of a job run by hand: no SLURM_* variables, so nothing is requeued."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = outside_slurm()
     return {**env, **extra}
 
 

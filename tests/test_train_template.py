@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from conftest import TEMPLATES
+from conftest import TEMPLATES, outside_slurm
 from interrupted_run import Interruption, run_once
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ def fake_scontrol(tmp_path):
 
 
 def slurm_env(bin_dir=None, **variables) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = outside_slurm()
     if bin_dir is not None:
         env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     return {**env, **variables}
