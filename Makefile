@@ -8,8 +8,12 @@ PYTEST_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# Every system package any test needs is installed here, once, before a test starts.
+# Exit 3 from the installer means "not root": it printed what to ask an administrator for,
+# and the tests that need those packages skip (under CI=true a skip fails). Any other
+# failure stops setup.
 setup:  ## install everything the demo and the tests need (re-runnable, seconds when done)
-	@scripts/install-debian-packages r octave browser || echo "setup: the tests that need these will be skipped"
+	@scripts/install-debian-packages slurm r octave browser || [ $$? -eq 3 ]
 	@scripts/setup-venv test tensorflow r docs notebooks bench
 
 demo: ## train, interrupt with real signals, resume, prove bitwise-identical weights

@@ -89,8 +89,11 @@ def user_project(tmp_path: Path, *template_files: str) -> Path:
 
 
 def start_cluster(directory: Path, port: int) -> dict:
-    """Start a fresh cluster with scripts/local-slurm; return the environment to use it."""
-    env = {**os.environ, "LOCAL_SLURM_DIR": str(directory), "LOCAL_SLURM_PORT": str(port)}
+    """Start a fresh cluster with scripts/local-slurm; return the environment to use it.
+    A test never installs Slurm (`make setup` does, before any test starts): two clusters
+    starting at once would run two installers, and the second would find dpkg locked."""
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(directory), "LOCAL_SLURM_PORT": str(port),
+           "LOCAL_SLURM_INSTALL": "no"}
     result = subprocess.run([str(REPO / "scripts" / "local-slurm"), "up"], env=env,
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:

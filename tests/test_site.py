@@ -28,7 +28,7 @@ from urllib.parse import unquote, urldefrag, urlsplit
 
 import pytest
 
-from conftest import REPO, skip_or_fail
+from conftest import REPO
 from site_toc import docname, read_toc
 
 pytestmark = [pytest.mark.site, pytest.mark.integration]
@@ -144,12 +144,12 @@ def browser(tmp_path_factory):
     message."""
     for path in (CHROMIUM, CHROMEDRIVER):
         if not Path(path).is_file() and shutil.which(Path(path).name) is None:
-            skip_or_fail(f"{path} is not installed; install it with: {INSTALL_BROWSER}")
+            pytest.skip(f"{path} is not installed; install it with: {INSTALL_BROWSER}")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        skip_or_fail("selenium is not installed; install it with: make setup")
+        pytest.skip("selenium is not installed; install it with: make setup")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
