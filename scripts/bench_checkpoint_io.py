@@ -14,7 +14,8 @@ root (otherwise loads may come from memory, and the report says so).
 The state is shaped like a small transformer (embeddings, attention and MLP matrices,
 norms), float32, on the CPU.
 
-Two more tables: how long ``CheckpointManager.save_async`` blocks training (the first
+"kit core" is checkpoint_utils.CheckpointManager, "kit fast" the optional
+checkpoint_fast.FastCheckpointManager. Two more tables: how long its ``save_async`` blocks training (the first
 call, into cold memory, apart from the later ones), as a fraction of the kit's
 synchronous save; and whether an emergency save (the synchronous one) fits in the
 ``--signal`` lead time, with the largest state that would at the measured rate.
@@ -41,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "templates"))
+import checkpoint_fast as fast  # noqa: E402
 import checkpoint_utils as kit  # noqa: E402
 from checkpoint_interval import parse_bytes  # noqa: E402
 
@@ -222,9 +224,11 @@ def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
         shutil.rmtree(dcp_folder, ignore_errors=True)
         dcp_save(state, dcp_folder)
     measure(saves, "DCP save", fresh_dcp_save)
-    manager = kit.CheckpointManager(folder / "kit", keep=1, keep_time=0)
+    core = kit.CheckpointManager(folder / "kit-core", keep=1, keep_time=0)
+    manager = fast.FastCheckpointManager(folder / "kit", keep=1, keep_time=0)
     step = iter(range(1, 10**6))
-    measure(saves, "kit: verified save", lambda: manager.save(state, step=next(step), epoch=0))
+    measure(saves, "kit core: verified save", lambda: core.save(state, step=next(step), epoch=0))
+    measure(saves, "kit fast: verified save", lambda: manager.save(state, step=next(step), epoch=0))
     async_saves = measure_async_save(state, folder / "kit-async", repeats, clean)
 
     print("loads:")
@@ -237,29 +241,22 @@ def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
         measure(loads, "safetensors", lambda: load_file(str(paths["model.safetensors"])))
     target = {name: torch.empty_like(t) for name, t in state.items()}
     measure(loads, "DCP load", lambda: dcp_load(target, dcp_folder))
-    newest = kit.list_checkpoints(folder / "kit")[-1]
-    measure(loads, "kit: verified load, hash then torch.load (sequential)",
-            lambda: touch_all(tensors_of(load_sequentially(newest))))
-    measure(loads, "kit: verified load, every byte read",
+    measure(loads, "kit core: verified load, hash then torch.load",
+            lambda: touch_all(tensors_of(core.load_latest())))
+    measure(loads, "kit fast: verified load, hashed while loading",
             lambda: touch_all(tensors_of(manager.load_latest())))
     return {"bytes": nbytes, "tensors": len(state), "repeats": repeats,
             "page_cache_dropped": dropped, "folder": str(folder),
             "saves": saves, "loads": loads, "async_save": async_saves}
 
 
-def load_sequentially(info: kit.CheckpointInfo) -> dict:
-    """The kit's verified load as it was: the whole sha256 pass, then torch.load."""
-    kit.verify_checkpoint(info)
-    return kit.load_checkpoint_file(info.path)
-
-
 def measure_async_save(state: dict, folder: Path, repeats: int,
                        before: Callable[[], None]) -> dict:
     """Time training is blocked in save_async (the first call allocates and touches the
     buffers; the later ones reuse them), and the time until the background save is done."""
-    manager = kit.CheckpointManager(folder, keep=1, keep_time=0)
+    manager = fast.FastCheckpointManager(folder, keep=1, keep_time=0)
     blocked, finished = [], []
-    print("  kit: async save ...", end="", flush=True)
+    print("  kit fast: async save ...", end="", flush=True)
     for step in range(1, repeats + 2):  # one cold call, then `repeats` warm ones
         before()
         started = time.perf_counter()
@@ -278,7 +275,7 @@ def first_save_after_prepare(state: dict, folder: Path) -> tuple[float, float]:
     """The first save_async of a new manager whose buffers prepare_async_save made ready
     (here it is waited for; in training it runs in the background). Returns the blocked
     time and the time the preparation took."""
-    manager = kit.CheckpointManager(folder, keep=1, keep_time=0)
+    manager = fast.FastCheckpointManager(folder, keep=1, keep_time=0)
     started = time.perf_counter()
     manager.prepare_async_save(state)
     manager.wait_for_saves()
@@ -298,7 +295,7 @@ def rows(report: dict, kind: str, baseline: str) -> list[dict]:
 
 def async_rows(report: dict) -> tuple[list[dict], float]:
     """Blocked times of save_async, and the synchronous verified save they compare with."""
-    sync = min(report["saves"]["kit: verified save"])
+    sync = min(report["saves"]["kit fast: verified save"])
     timings = report["async_save"]
     warm = timings["blocked_warm_s"]
     return [{"call": "first (cold buffers)", "blocked_s": timings["blocked_cold_s"]},
@@ -309,7 +306,7 @@ def async_rows(report: dict) -> tuple[list[dict], float]:
 
 def emergency_figures(report: dict, lead_seconds: float, spare_seconds: float) -> dict:
     """The synchronous verified save against the --signal lead time."""
-    seconds = min(report["saves"]["kit: verified save"])
+    seconds = min(report["saves"]["kit fast: verified save"])
     rate = report["bytes"] / seconds
     return {"save_s": seconds, "rate_gb_s": rate / 1e9, "lead_s": lead_seconds,
             "spare_s": spare_seconds, "fits": seconds + spare_seconds <= lead_seconds,
@@ -332,7 +329,7 @@ def markdown(report: dict) -> str:
 
 def async_markdown(report: dict) -> list[str]:
     table, sync = async_rows(report)
-    lines = [f"| async save: training blocked | s | x kit: verified save ({sync:.3f} s) |",
+    lines = [f"| async save: training blocked | s | x kit fast: verified save ({sync:.3f} s) |",
              "|---|---|---|"]
     lines += [f"| {row['call']} | {row['blocked_s']:.3f} | {row['blocked_s'] / sync:.3f} |"
               for row in table]

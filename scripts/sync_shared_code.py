@@ -24,7 +24,7 @@ TARGETS = [REPO / "templates" / "tf_checkpoint_utils.py"]
 SHARED_NAMES = [
     "TEMP_PREFIX", "EXIT_FINISHED", "EXIT_REQUEUED", "EXIT_SAVE_TIMEOUT", "EXIT_PREEMPTED",
     "CheckpointError", "CorruptCheckpointError", "InvalidJobIdError",
-    "_StreamingHashWriter", "fsync_directory", "_temp_path", "atomic_write_bytes",
+    "HashingFile", "fsync_directory", "_temp_path", "atomic_write_bytes",
     "atomic_write_json",
     "DEFAULT_SIGNALS", "PreemptionHandler", "EmergencyDeadline",
     "_JOB_ID", "slurm_job_id", "requeue_slurm_job", "exit_after_preemption",

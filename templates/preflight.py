@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_utils import (CHECKPOINT_SUFFIX, KIND_NAME_FORMAT, TEMP_PREFIX, AsyncSaveError,
+from checkpoint_utils import (CHECKPOINT_SUFFIX, KIND_NAME_FORMAT, TEMP_PREFIX,
                               CheckpointError, CheckpointManager, PreemptionHandler,
                               fsync_directory, marker_path, read_last_pointer)
 
@@ -280,10 +280,12 @@ def storage_errors_explained(folder: str | os.PathLike, *, step: int, epoch: int
     """
     try:
         yield
-    except (OSError, AsyncSaveError) as error:
-        # A background save (save_async) reports its OSError as the cause of AsyncSaveError.
+    except (OSError, CheckpointError) as error:
+        # A background save (checkpoint_fast's save_async) reports its OSError as the
+        # cause of an AsyncSaveError, a CheckpointError.
         cause = error if isinstance(error, OSError) else error.__cause__
-        if not isinstance(cause, OSError) or cause.errno not in STORAGE_ERRORS:
+        if (isinstance(error, StorageUnusableError) or not isinstance(cause, OSError)
+                or cause.errno not in STORAGE_ERRORS):
             raise
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
         raise StorageUnusableError(explain_failed_save(Path(folder), name, size, cause)) \

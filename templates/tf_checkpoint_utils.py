@@ -351,113 +351,31 @@ class InvalidJobIdError(CheckpointError, ValueError):
     """A Slurm job id is not of the form 123 or 123_4 and will not be passed on."""
 
 
-class _StreamingHashWriter:
-    """A file opened for writing that hashes the bytes on their way to disk (no second
-    read for the checksum) and keeps up with a fast disk.
-
-    The bytes are copied into one of two reused, page-aligned 64 MiB buffers; a full buffer
-    is hashed and written by two threads at once (hashlib and os.write release the GIL)
-    while the caller fills the other. The file is opened with O_DIRECT where the file
-    system allows it: the bytes skip the page cache, so a save neither evicts the
-    training data from memory nor slows down when memory is cold, and the final fsync
-    has little left to do. Where O_DIRECT is refused (tmpfs, some network file systems),
-    the same code writes through the page cache.
-    """
-
-    BUFFER_BYTES = 64 << 20
-    ALIGN = 4096  # O_DIRECT needs aligned addresses, sizes and offsets
-    _buffers: list = []  # kept between saves: touching new memory is slow on some nodes
-    _buffers_lock = threading.Lock()
+class HashingFile:
+    """A file opened for writing that hashes the bytes on their way to disk, so the
+    checksum costs no second read of the file. (checkpoint_fast.StreamingHashWriter does
+    the same with threads and O_DIRECT, for large checkpoints on fast disks.)"""
 
     def __init__(self, path: Path):
-        direct = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self.fd, self.direct = os.open(path, flags | direct, 0o644), bool(direct)
-        except OSError:
-            self.fd, self.direct = os.open(path, flags, 0o644), False
-        self._buffers_lock.acquire()  # one save at a time uses the shared buffers
-        try:
-            if len(self._buffers) < 2 or len(self._buffers[0]) < self.BUFFER_BYTES:
-                # Anonymous maps are page-aligned, and cost only the pages that are used.
-                self._buffers[:] = [mmap.mmap(-1, self.BUFFER_BYTES) for _ in range(2)]
-        except BaseException:
-            self._buffers_lock.release()
-            os.close(self.fd)
-            raise
+        self.file = open(path, "wb")
         self.sha256, self.size = hashlib.sha256(), 0
-        self._current, self._spare = self._buffers
-        self._filled = 0
-        self._in_flight: list = []
-        self._threads = concurrent.futures.ThreadPoolExecutor(2)
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        while view:
-            n = min(len(view), self.BUFFER_BYTES - self._filled)
-            self._current[self._filled:self._filled + n] = view[:n]
-            self._filled += n
-            view = view[n:]
-            if self._filled == self.BUFFER_BYTES:
-                self._send_full_buffer()
-        self.size += total
-        return total
-
-    def _send_full_buffer(self) -> None:
-        self._wait()  # the spare buffer is free, and hashing stays in order
-        chunk = memoryview(self._current)[:self.BUFFER_BYTES]
-        self._in_flight = [self._threads.submit(self.sha256.update, chunk),
-                           self._threads.submit(self._write_all, chunk)]
-        self._current, self._spare = self._spare, self._current
-        self._filled = 0
-
-    def _wait(self) -> None:
-        for future in self._in_flight:
-            future.result()  # raises the thread's error (ENOSPC, ...) here
-        self._in_flight = []
-
-    def _write_all(self, chunk: memoryview) -> None:
-        while chunk:
-            try:
-                written = os.write(self.fd, chunk)
-            except OSError as error:
-                if not (self.direct and error.errno == errno.EINVAL):
-                    raise
-                self._stop_direct()  # the file system opened O_DIRECT but refuses it
-                continue
-            chunk = chunk[written:]
-
-    def _stop_direct(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL,
-                    fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
-        self.direct = False
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
 
     def flush(self) -> None:
-        """Write out everything so far (the last part without O_DIRECT: its size is not
-        a multiple of the block size)."""
-        self._wait()
-        tail = memoryview(self._current)[:self._filled]
-        self.sha256.update(tail)
-        aligned = len(tail) - len(tail) % self.ALIGN
-        self._write_all(tail[:aligned])
-        if self.direct:
-            self._stop_direct()
-        self._write_all(tail[aligned:])
-        self._filled = 0
+        self.file.flush()
 
     def fileno(self) -> int:
-        return self.fd
+        return self.file.fileno()
 
-    def __enter__(self) -> "_StreamingHashWriter":
+    def __enter__(self) -> "HashingFile":
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self._threads.shutdown(wait=True)
-        finally:
-            os.close(self.fd)
-            self._buffers_lock.release()
+        self.file.close()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -479,19 +397,17 @@ def _temp_path(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> tuple[str, int]:
+def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
+                       writer_class: Callable[[Path], Any] = HashingFile) -> tuple[str, int]:
     """Write a file so that ``path`` holds either its old content or the complete new one,
     never a part: write to a temp file in the same folder, flush, fsync, rename over
     ``path``, fsync the folder. Returns the sha256 (hex) and size of the bytes written.
-
-    Example::
-
-        digest, size = atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))
+    Example: ``atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))``.
     """
     path = Path(path)
     tmp = _temp_path(path)
     try:
-        with _StreamingHashWriter(tmp) as writer:
+        with writer_class(tmp) as writer:
             write(writer)
             writer.flush()
             os.fsync(writer.fileno())  # the bytes are on disk before the name points at them
@@ -584,11 +500,7 @@ class EmergencyDeadline:
     If the interpreter itself is stuck (a C call holding the GIL), faulthandler's C-level
     watchdog dumps the stack and exits a few seconds later. The previous complete
     checkpoint stays valid either way: the unfinished one has no completion marker.
-
-    Example::
-
-        with EmergencyDeadline(60):
-            manager.save(state, step=step, epoch=epoch, kind="preempt")
+    Example: ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``.
     """
 
     def __init__(self, seconds: float, backstop_seconds: float = 5.0):
@@ -645,11 +557,6 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 
     The command is run with an argument list, never through a shell, and the id is
     validated first.
-
-    Example::
-
-        if not requeue_slurm_job():
-            sys.exit(EXIT_PREEMPTED)   # let the batch script requeue
     """
     job_id = slurm_job_id(environ)
     if job_id is None:
@@ -678,12 +585,6 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
     """Exit after the emergency checkpoint was saved: requeue the Slurm job and exit with
     ``EXIT_REQUEUED``, or exit with ``EXIT_PREEMPTED`` when requeueing is off or failed.
-
-    Example::
-
-        if preemption.requested:
-            manager.save(state, step=step, epoch=epoch, kind="preempt")
-            exit_after_preemption(preemption)
     """
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
     # A requeue makes Slurm send SIGTERM to every process of the job at once, and the batch

@@ -52,7 +52,6 @@ from checkpoint_utils import (
     TrainingProgress,
     atomic_write_bytes,
     requeue_slurm_job,
-    torch_save_without_crc,
 )
 from distributed_utils import (
     DistributedContext,
@@ -247,7 +246,7 @@ def export_full_state(path: Path, model, optimizer, scheduler, progress) -> None
     if dist.get_rank() == 0:
         state = {"step": progress.step, "epoch": progress.epoch, "model": model_state,
                  "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
-        atomic_write_bytes(path, lambda f: torch_save_without_crc(state, f))
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
         log.info("wrote the full state to %s", path)
 
 

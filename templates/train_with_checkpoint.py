@@ -15,16 +15,19 @@ NaN/Inf after the allowed rollbacks (see the [nonfinite] lines of the log); 7 th
 folder cannot be written or is too small (checked before training starts).
 
 To adapt it to your project, change the three blocks marked "CHANGE ME": the data, the
-model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch and,
-beside this file, checkpoint_utils.py (the kit), nonfinite_guard.py (the NaN/Inf guard),
-preflight.py (storage check), job_context.py (the job's context in the log) and
-checkpoint_staging.py (--local-stage-dir);
-NumPy only for the example's data augmentation.
+model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch,
+checkpoint_utils.py beside this file, and NumPy only for the example's augmentation.
+Extras switch on when their file is beside this one too: nonfinite_guard.py (skip NaN/Inf
+steps, roll back, exit 5), preflight.py with job_context.py (check the checkpoint folder
+before training, exit 7; explain a failed save; the job's context in the log),
+checkpoint_staging.py (--local-stage-dir) and checkpoint_fast.py (--async-save).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
 import random
 import sys
@@ -51,24 +54,26 @@ from checkpoint_utils import (
     verify_checkpoint,
 )
 
-from checkpoint_staging import StagedCheckpointManager
-from nonfinite_guard import (
-    EXIT_NON_FINITE,
-    STATE_KEY as GUARD_STATE_KEY,
-    NonFiniteGuard,
-    Position,
-    gradient_norm,
-    scale_learning_rate,
-)
-from preflight import (
-    EXIT_STORAGE_UNUSABLE,
-    StorageUnusableError,
-    check_checkpoint_storage,
-    estimate_checkpoint_bytes,
-    log_job_context,
-    save_checkpoint_or_explain,
-    storage_errors_explained,
-)
+
+
+def optional_extra(name: str):
+    """The kit's module ``name`` when its file is beside this one, else None: the template
+    runs with checkpoint_utils.py alone, and each extra switches on when it is copied."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise  # the extra is here but needs another file: say which
+        return None
+
+
+nonfinite_guard = optional_extra("nonfinite_guard")
+preflight = optional_extra("preflight")
+checkpoint_staging = optional_extra("checkpoint_staging")
+checkpoint_fast = optional_extra("checkpoint_fast")
+# With preflight.py, a save that fails on the storage ends the run with exit 7 and one
+# clear paragraph; without it, the OSError itself is the message.
+STORAGE_ERRORS = (preflight.StorageUnusableError,) if preflight else ()
 
 # Rollbacks go to step and epoch checkpoints only: they exist at the same steps in every
 # run of the job, while preemption and timer checkpoints depend on when it was stopped.
@@ -214,14 +219,19 @@ def train_one_step(model, optimizer, scheduler, scaler, inputs, targets, *,
 def unscaled_gradient_norm(model, scaler):
     """The norm the guard checks, or None under AMP: there the scaler already skips steps
     whose gradients overflow (routine while it finds its scale), so only the loss counts."""
-    return None if scaler.is_enabled() else gradient_norm(model.parameters())
+    return None if scaler.is_enabled() else nonfinite_guard.gradient_norm(model.parameters())
 
 
 def make_guard(args):
-    """The NaN/Inf guard the flags ask for, or None when --max-bad-steps is 0."""
+    """The NaN/Inf guard the flags ask for, or None when --max-bad-steps is 0 or
+    nonfinite_guard.py is not beside this file."""
     if args.max_bad_steps == 0:
         return None
-    return NonFiniteGuard(max_bad_steps=args.max_bad_steps, max_rollbacks=args.max_rollbacks,
+    if nonfinite_guard is None:
+        logging.getLogger("train").info("nonfinite_guard.py is not beside this script: "
+                                        "NaN/Inf steps are not guarded")
+        return None
+    return nonfinite_guard.NonFiniteGuard(max_bad_steps=args.max_bad_steps, max_rollbacks=args.max_rollbacks,
                           rollback_lr_factor=args.rollback_lr_factor,
                           skip_bad_batches=args.skip_bad_batches)
 
@@ -230,15 +240,36 @@ def make_checkpoint_manager(args, model, optimizer):
     """Check the checkpoint folder (exit 7 when it cannot hold the checkpoints) before any
     training time is spent, then return the manager: saving straight to --ckpt-dir, or
     through --local-stage-dir with a background copy to --ckpt-dir."""
-    expected = estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir)
-    keep_time = args.keep_time if args.save_every_seconds else 0
-    check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep, keep_time=keep_time)
+    if preflight:
+        expected = preflight.estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir)
+        keep_time = args.keep_time if args.save_every_seconds else 0
+        preflight.check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep,
+                                           keep_time=keep_time)
+    if args.async_save:
+        if checkpoint_fast is None:
+            sys.exit("--async-save needs checkpoint_fast.py beside this script")
+        return checkpoint_fast.FastCheckpointManager(
+            args.ckpt_dir, keep=args.keep, keep_time=args.keep_time, max_bytes=args.max_bytes)
     if not args.local_stage_dir:
         return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
                                  max_bytes=args.max_bytes)
-    check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
-    return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
-                                   keep_time=args.keep_time, max_bytes=args.max_bytes)
+    if checkpoint_staging is None:
+        sys.exit("--local-stage-dir needs checkpoint_staging.py beside this script")
+    if preflight:
+        preflight.check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
+    return checkpoint_staging.StagedCheckpointManager(
+        args.ckpt_dir, args.local_stage_dir, keep=args.keep, keep_time=args.keep_time,
+        max_bytes=args.max_bytes)
+
+
+def storage_errors_explained(manager, *, step: int, epoch: int, kind: str, state=None):
+    """preflight's explanation of a save that fails on the storage (disk full, quota,
+    read-only), when preflight.py is beside this file; else the error as it is."""
+    if preflight is None:
+        return contextlib.nullcontext()
+    size = preflight.tensor_bytes(state) if state is not None else None
+    return preflight.storage_errors_explained(manager.directory, step=step, epoch=epoch,
+                                              kind=kind, size=size)
 
 
 def newest_rollback_checkpoint(directory, before_step: int):
@@ -286,12 +317,14 @@ def main(argv=None) -> int:
     # checkpoint): a preemption signal that arrives then only sets the flag, and the
     # job saves after its first step instead of dying without a requeue.
     with PreemptionHandler() as preemption:
-        log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
+        if preflight:  # which run of which job: the first lines of its log
+            preflight.log_job_context(args.ckpt_dir)
         try:
             return train(args, preemption)
-        except StorageUnusableError as error:  # the message says what, where and what to do
-            logging.getLogger("train").error("%s Exit code %d.", error, EXIT_STORAGE_UNUSABLE)
-            return EXIT_STORAGE_UNUSABLE
+        except STORAGE_ERRORS as error:  # the message says what, where and what to do
+            code = preflight.EXIT_STORAGE_UNUSABLE
+            logging.getLogger("train").error("%s Exit code %d.", error, code)
+            return code
 
 
 def train(args, preemption: PreemptionHandler) -> int:
@@ -325,7 +358,7 @@ def train(args, preemption: PreemptionHandler) -> int:
         progress = restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
         if guard:
-            guard.load_state_dict(checkpoint.get(GUARD_STATE_KEY))
+            guard.load_state_dict(checkpoint.get(nonfinite_guard.STATE_KEY))
         del checkpoint
 
     in_flight = []  # [(PendingSave, epoch)] of the --async-save still being written
@@ -334,7 +367,7 @@ def train(args, preemption: PreemptionHandler) -> int:
         """Wait for the background save, explaining a storage failure as a sync save would."""
         while in_flight:
             pending, epoch = in_flight.pop()
-            with storage_errors_explained(manager.directory, step=pending.step, epoch=epoch,
+            with storage_errors_explained(manager, step=pending.step, epoch=epoch,
                                           kind=pending.kind):
                 pending.wait()
 
@@ -343,14 +376,15 @@ def train(args, preemption: PreemptionHandler) -> int:
         state = capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, sampler=sampler, progress=progress)
         if guard and guard.has_history():  # else the checkpoint stays as without a guard
-            state[GUARD_STATE_KEY] = guard.state_dict()
+            state[nonfinite_guard.STATE_KEY] = guard.state_dict()
         if background:  # copied into reused buffers: training may change the model at once
             in_flight.append((manager.save_async(state, step=progress.step,
                                                  epoch=progress.epoch, kind=kind),
                               progress.epoch))
         else:
-            save_checkpoint_or_explain(manager, state, step=progress.step,
-                                       epoch=progress.epoch, kind=kind)
+            with storage_errors_explained(manager, step=progress.step, epoch=progress.epoch,
+                                          kind=kind, state=state):
+                manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
         schedule.mark_saved()
 
     bar = ProgressLine(args.steps, progress.step, args.log_every)
@@ -364,8 +398,8 @@ def train(args, preemption: PreemptionHandler) -> int:
         restored = restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
         # The checkpoint's learning rate already carries the factor of its own time.
-        saved_factor = (checkpoint.get(GUARD_STATE_KEY) or {}).get("lr_factor", 1.0)
-        scale_learning_rate(optimizer, scheduler, guard.lr_factor / saved_factor)
+        saved_factor = (checkpoint.get(nonfinite_guard.STATE_KEY) or {}).get("lr_factor", 1.0)
+        nonfinite_guard.scale_learning_rate(optimizer, scheduler, guard.lr_factor / saved_factor)
         manager.last_saved = info  # the replay's saves are new ones, even at the same steps
         log.info("rolled back to %s (step %d, epoch %d)", info.name, info.step, info.epoch)
         return restored
@@ -376,7 +410,7 @@ def train(args, preemption: PreemptionHandler) -> int:
         sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
         for inputs, targets in loader:
             batch = [progress.epoch, progress.batch_in_epoch]
-            at = Position(progress.step + 1, *batch) if guard else None
+            at = nonfinite_guard.Position(progress.step + 1, *batch) if guard else None
             if guard and guard.skips(at):  # gave NaN/Inf before a rollback: not again
                 scheduler.step()
                 loss = float("nan")
@@ -393,7 +427,7 @@ def train(args, preemption: PreemptionHandler) -> int:
             if guard and guard.rollback_due:
                 progress = roll_back()
                 if progress is None:
-                    return EXIT_NON_FINITE
+                    return nonfinite_guard.EXIT_NON_FINITE
                 bar = ProgressLine(args.steps, progress.step, args.log_every)
                 break  # the data order restarts at the restored position
             if progress.step >= args.steps:
@@ -411,7 +445,7 @@ def train(args, preemption: PreemptionHandler) -> int:
             if epoch_finished:
                 break  # start the next epoch with a fresh data order
     save("step")  # the last checkpoint holds the final state
-    if isinstance(manager, StagedCheckpointManager):
+    if hasattr(manager, "wait_until_durable"):  # --local-stage-dir
         manager.wait_until_durable()  # exit 0 only once the last checkpoint is in --ckpt-dir
     # Finished: a signal from now on must not turn exit 0 into a kill.
     preemption.ignore_further_signals()

@@ -1,4 +1,4 @@
-"""CheckpointManager.save_async: the state is copied into reused buffers, training goes
+"""FastCheckpointManager.save_async: the state is copied into reused buffers, training goes
 on, and a background thread writes the same verified checkpoint that save() writes."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint_fast as fast
 import checkpoint_utils as cu
 from compare_checkpoints import checkpoint_differences
 from conftest import TEMPLATES, outside_slurm
@@ -64,7 +65,7 @@ def assert_same_content(a, b, path: str = "state") -> None:
 
 def storage_sharing(state: dict) -> list[int]:
     """For each tensor (in order), the index of the first tensor with the same storage."""
-    tensors = list(cu._tensors_in(state))
+    tensors = list(fast._tensors_in(state))
     pointers = [t.untyped_storage().data_ptr() for t in tensors]
     return [pointers.index(p) for p in pointers]
 
@@ -72,13 +73,13 @@ def storage_sharing(state: dict) -> list[int]:
 def gate_the_writer(monkeypatch) -> threading.Event:
     """Make background writes wait until the returned event is set."""
     release = threading.Event()
-    save = cu.torch_save_without_crc
+    save = fast.torch_save_without_crc
 
     def gated(obj, file):
         assert release.wait(30), "the test never released the writer"
         save(obj, file)
 
-    monkeypatch.setattr(cu, "torch_save_without_crc", gated)
+    monkeypatch.setattr(fast, "torch_save_without_crc", gated)
     return release
 
 
@@ -86,8 +87,8 @@ def gate_the_writer(monkeypatch) -> threading.Event:
 def test_async_save_writes_the_same_checkpoint_as_save(tmp_path):
     model, optimizer = training_objects()
     state = state_of(model, optimizer, step=7)
-    sync_info = cu.CheckpointManager(tmp_path / "sync").save(state, step=7, epoch=1)
-    manager = cu.CheckpointManager(tmp_path / "async")
+    sync_info = fast.FastCheckpointManager(tmp_path / "sync").save(state, step=7, epoch=1)
+    manager = fast.FastCheckpointManager(tmp_path / "async")
     pending = manager.save_async(state, step=7, epoch=1)
     async_info = pending.wait()
 
@@ -112,7 +113,7 @@ def test_training_right_after_save_async_does_not_change_the_checkpoint(tmp_path
     model, optimizer = training_objects()
     expected = {name: t.clone() for name, t in model.state_dict().items()}
     release = gate_the_writer(monkeypatch)
-    manager = cu.CheckpointManager(tmp_path)
+    manager = fast.FastCheckpointManager(tmp_path)
     pending = manager.save_async(state_of(model, optimizer, step=1), step=1, epoch=0)
 
     for _ in range(3):  # the writer has not started: every change lands before it reads
@@ -133,13 +134,13 @@ def test_training_right_after_save_async_does_not_change_the_checkpoint(tmp_path
 @pytest.mark.parametrize("next_call", ["save_async", "save", "wait_for_saves", "load_latest"])
 def test_error_of_a_background_save_is_raised_by_the_next_call(tmp_path, monkeypatch,
                                                               next_call):
-    manager = cu.CheckpointManager(tmp_path)
+    manager = fast.FastCheckpointManager(tmp_path)
     manager.save({"w": torch.ones(3)}, step=1, epoch=0)
 
     def disk_full(obj, file):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cu, "torch_save_without_crc", disk_full)
+    monkeypatch.setattr(fast, "torch_save_without_crc", disk_full)
     pending = manager.save_async({"w": torch.zeros(3)}, step=2, epoch=0)
     while not pending.done():  # done() does not report the error; the next call must
         time.sleep(0.01)
@@ -149,7 +150,7 @@ def test_error_of_a_background_save_is_raised_by_the_next_call(tmp_path, monkeyp
              "save": lambda: manager.save({"w": torch.ones(3)}, step=3, epoch=0),
              "wait_for_saves": manager.wait_for_saves,
              "load_latest": manager.load_latest}
-    with pytest.raises(cu.AsyncSaveError, match="step 2") as raised:
+    with pytest.raises(fast.AsyncSaveError, match="step 2") as raised:
         calls[next_call]()
     assert isinstance(raised.value.__cause__, OSError)
     assert raised.value.__cause__.errno == errno.ENOSPC
@@ -160,10 +161,10 @@ def test_error_of_a_background_save_is_raised_by_the_next_call(tmp_path, monkeyp
 
 
 def test_error_seen_through_the_handle_is_not_raised_again(tmp_path, monkeypatch):
-    manager = cu.CheckpointManager(tmp_path)
-    monkeypatch.setattr(cu, "torch_save_without_crc", lambda obj, file: 1 / 0)
+    manager = fast.FastCheckpointManager(tmp_path)
+    monkeypatch.setattr(fast, "torch_save_without_crc", lambda obj, file: 1 / 0)
     pending = manager.save_async({"w": torch.ones(3)}, step=1, epoch=0)
-    with pytest.raises(cu.AsyncSaveError):
+    with pytest.raises(fast.AsyncSaveError):
         pending.wait()
     assert manager.wait_for_saves() is None
 
@@ -171,7 +172,7 @@ def test_error_seen_through_the_handle_is_not_raised_again(tmp_path, monkeypatch
 # --------------------------------------------------------------------------- buffers
 def test_buffers_are_allocated_at_the_first_save_and_reused_after(tmp_path):
     model, optimizer = training_objects()
-    manager = cu.CheckpointManager(tmp_path, keep=5)
+    manager = fast.FastCheckpointManager(tmp_path, keep=5)
     buffers = manager._async_buffers
     manager.save_async(state_of(model, optimizer, step=1), step=1, epoch=0).wait()
     allocated = buffers.allocations
@@ -194,7 +195,7 @@ def test_buffers_are_allocated_at_the_first_save_and_reused_after(tmp_path):
 
 def test_prepare_async_save_allocates_the_buffers_the_first_save_then_uses(tmp_path):
     model, optimizer = training_objects()
-    manager = cu.CheckpointManager(tmp_path)
+    manager = fast.FastCheckpointManager(tmp_path)
     manager.prepare_async_save(state_of(model, optimizer, step=1))
     manager.wait_for_saves()
     buffers = manager._async_buffers
@@ -210,7 +211,7 @@ def test_prepare_async_save_allocates_the_buffers_the_first_save_then_uses(tmp_p
 
 
 def test_save_async_at_an_already_saved_step_writes_nothing(tmp_path):
-    manager = cu.CheckpointManager(tmp_path)
+    manager = fast.FastCheckpointManager(tmp_path)
     first = manager.save({"w": torch.ones(3)}, step=5, epoch=0)
     again = manager.save_async({"w": torch.zeros(3)}, step=5, epoch=0)
     assert again.done() and again.wait() == first
@@ -221,10 +222,10 @@ def test_save_async_at_an_already_saved_step_writes_nothing(tmp_path):
 CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, {templates!r})
-import checkpoint_utils as cu
-manager = cu.CheckpointManager({folder!r})
+import checkpoint_fast as fast
+manager = fast.FastCheckpointManager({folder!r})
 manager.save({{"w": torch.ones(4)}}, step=1, epoch=0)
-write = cu._StreamingHashWriter.write
+write = fast.StreamingHashWriter.write
 
 def slow_write(self, data):  # say when the background write has begun, then dawdle
     n = write(self, data)
@@ -233,7 +234,7 @@ def slow_write(self, data):  # say when the background write has begun, then daw
     time.sleep({pause})
     return n
 
-cu._StreamingHashWriter.write = slow_write
+fast.StreamingHashWriter.write = slow_write
 manager.save_async({{"w": torch.zeros(1 << 20)}}, step=2, epoch=0)
 sys.stdout.write("returned\n")
 sys.stdout.flush()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint_fast as fast
 import checkpoint_utils as cu
 
 
@@ -96,11 +97,12 @@ def test_streaming_writer_keeps_every_byte_across_many_buffers(folder, tmp_path,
     (tmpfs refuses O_DIRECT): the file holds exactly the bytes, and the sha256 is theirs."""
     if folder != "tmp_path" and not Path(folder).is_dir():
         pytest.skip(f"{folder} does not exist here")
-    monkeypatch.setattr(cu._StreamingHashWriter, "BUFFER_BYTES", 1 << 20)
+    monkeypatch.setattr(fast.StreamingHashWriter, "BUFFER_BYTES", 1 << 20)
     target = (tmp_path if folder == "tmp_path" else Path(folder)) / f"stream-{os.getpid()}.bin"
     pieces = [os.urandom(n) for n in (1, 4095, 4097, 3 << 20, 12345, (1 << 20) - 7, 10)]
     try:
-        digest, size = cu.atomic_write_bytes(target, lambda f: [f.write(p) for p in pieces])
+        digest, size = cu.atomic_write_bytes(target, lambda f: [f.write(p) for p in pieces],
+                                             writer_class=fast.StreamingHashWriter)
         data = target.read_bytes()
     finally:
         target.unlink(missing_ok=True)
@@ -109,9 +111,9 @@ def test_streaming_writer_keeps_every_byte_across_many_buffers(folder, tmp_path,
 
 
 def test_checkpoint_files_load_with_plain_torch_load(tmp_path):
-    """The kit's saves leave out torch.save's CRC32s (the sha256 covers the bytes); a user
-    still reads the file with nothing but torch."""
-    manager = cu.CheckpointManager(tmp_path)
+    """The fast manager's saves leave out torch.save's CRC32s (the sha256 covers the
+    bytes); a user still reads the file with nothing but torch."""
+    manager = fast.FastCheckpointManager(tmp_path)
     weights = torch.rand(3 << 20)
     info = manager.save({"weights": weights}, step=1, epoch=0)
     assert torch.equal(torch.load(info.path, weights_only=True)["weights"], weights)

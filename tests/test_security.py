@@ -126,6 +126,83 @@ def test_malicious_checkpoint_without_marker_is_ignored(tmp_path, caplog):
     assert not any("step_00000900" in m for m in checkpoint_messages(caplog, logging.WARNING))
 
 
+class Payload:
+    """An object whose unpickling calls ``function(*arguments)``: an attacker's payload."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return (self.function, self.arguments)
+
+
+class HoldsAttributes:
+    """A class of the user's own: a full unpickle would import its module and build it."""
+
+    def __init__(self):
+        self.learning_rate = 0.1
+
+
+# Each payload, given a sentinel path, makes that file (or removes a folder) when it runs;
+# the name is what torch's message calls it (os.system pickles as posix.system).
+UNSAFE_PAYLOADS = {
+    "os.system": (lambda s: Payload(os.system, f"touch {s}"), "system"),
+    "subprocess.Popen": (lambda s: Payload(subprocess.Popen, ["touch", str(s)]), "Popen"),
+    "subprocess.run": (lambda s: Payload(subprocess.run, ["touch", str(s)]), "run"),
+    "eval": (lambda s: Payload(eval, f"open({str(s)!r}, 'w')"), "eval"),
+    "exec": (lambda s: Payload(exec, f"open({str(s)!r}, 'w')"), "exec"),
+    "__import__": (lambda s: Payload(__import__, "os"), "__import__"),
+    "getattr": (lambda s: Payload(getattr, Path(s), "touch"), "getattr"),
+    "Path.touch": (lambda s: Payload(Path.touch, Path(s)), "getattr"),  # a method: getattr(PosixPath, "touch")
+    "shutil.rmtree": (lambda s: Payload(__import__("shutil").rmtree, str(s.parent / "keep")),
+                      "rmtree"),
+    "a class of your own": (lambda s: HoldsAttributes(), "HoldsAttributes"),
+}
+
+
+def payload_ran(sentinel: Path) -> bool:
+    return sentinel.exists() or not (sentinel.parent / "keep").is_dir()
+
+
+@pytest.mark.parametrize("kind", UNSAFE_PAYLOADS)
+def test_every_kind_of_unsafe_pickle_is_refused_and_named_unsafe(kind, tmp_path, caplog):
+    """Whatever torch's wording for the payload (a blocked module, a name off its allow
+    list, an object it cannot build), the kit says unsafe, names what the file asks for,
+    runs nothing, and never passes on torch's advice to retry with weights_only=False."""
+    make_payload, name = UNSAFE_PAYLOADS[kind]
+    (tmp_path / "keep").mkdir()
+    sentinel = tmp_path / "PWNED"
+    folder = tmp_path / "checkpoints"
+    cu.CheckpointManager(folder).save(tiny_state(800), step=800, epoch=0)
+    evil = folder / "step_00000900.pt"
+    torch.save({"step": 900, "model": {"weight": torch.zeros(2)},
+                "payload": make_payload(sentinel)}, evil)
+    write_marker_like_the_kit(evil, step=900)
+
+    with pytest.raises(cu.UnsafeCheckpointError) as raised:
+        cu.load_checkpoint_file(evil)
+    message = str(raised.value)
+    assert message.startswith("step_00000900.pt: unsafe") and name in message, message
+    assert "will likely succeed" not in message and "Do not retry" in message
+
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    assert cu.CheckpointManager(folder).load_latest()["step"] == 800
+    skipped = [m for m in checkpoint_messages(caplog, logging.WARNING) if "skipped" in m]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped unsafe checkpoint"), skipped
+    assert "will likely succeed" not in skipped[0]
+    assert not payload_ran(sentinel), "loading the checkpoint ran the attacker's code"
+
+
+def test_a_truncated_checkpoint_is_corrupt_without_torch_advice(tmp_path):
+    path = tmp_path / "step_00000010.pt"
+    torch.save({"step": 10, "payload": Payload(eval, "1")}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(cu.CorruptCheckpointError) as raised:
+        cu.load_checkpoint_file(path)
+    assert "cannot be read" in str(raised.value)
+    assert "weights_only" not in str(raised.value)
+
+
 # --------------------------------------------------------------------------- job ids
 def test_slurm_job_id_plain_job():
     assert cu.slurm_job_id({"SLURM_JOB_ID": "4242"}) == "4242"

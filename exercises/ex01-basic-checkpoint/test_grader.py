@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -118,7 +119,42 @@ def test_scheduler_scaler_rng_and_metrics_are_saved(captured):
     assert state.get("metrics") == {"loss": 0.25}, "state['metrics'] is not progress.metrics"
 
 
+@pytest.mark.task(1)
+def test_your_own_state_is_saved_as_extra(learner):
+    """your own state (extra=...) is saved as checkpoint['extra'], and a run without an
+    optimizer (a hand-written update) can be saved too"""
+    model = torch.nn.Linear(2, 2)
+    hidden = torch.arange(4.0)
+    progress = learner.TrainingProgress(step=5)
+    try:
+        state = learner.capture_training_state(model=model, progress=progress,
+                                               extra={"hidden": hidden, "best_loss": 0.5})
+    except (AttributeError, TypeError) as error:
+        pytest.fail(f"capture_training_state without an optimizer failed ({error}): the "
+                    "optimizer, scheduler and scaler are optional; store None for them")
+    extra = state.get("extra") or {}
+    assert torch.equal(extra.get("hidden", torch.empty(0)), hidden) and \
+        extra.get("best_loss") == 0.5, (
+        "state['extra'] is not the extra= dict: the user's own state (a hidden state, the "
+        "best loss so far) would be lost at the resume")
+
+
 # ----------------------------------------------------------------------------- task 2
+@pytest.mark.task(2)
+def test_restore_without_an_optimizer(learner, reference):
+    """a checkpoint of a run without an optimizer restores into the model alone"""
+    model = torch.nn.Linear(2, 2)
+    state = reference.capture_training_state(model=model, progress=reference.TrainingProgress(step=4))
+    fresh = torch.nn.Linear(2, 2)
+    try:
+        progress = learner.restore_training_state(state, model=fresh)
+    except (AttributeError, TypeError) as error:
+        pytest.fail(f"restore_training_state without an optimizer failed ({error}): the "
+                    "optimizer, scheduler and scaler are optional")
+    assert torch.equal(fresh.weight, model.weight) and progress.step == 4, (
+        "restore_training_state(state, model=...) did not restore the model and the step")
+
+
 @pytest.fixture
 def checkpoint_after_3_steps(reference):
     """A checkpoint written by the reference kit after 3 steps, and the weights of a run
@@ -303,6 +339,52 @@ def test_unsafe_pickle_is_refused_and_never_run(learner, tmp_path):
     with pytest.raises(learner.UnsafeCheckpointError):
         learner.load_checkpoint_file(path)
     assert not sentinel.exists(), "loading the checkpoint ran code: use weights_only=True"
+
+
+@pytest.mark.task(4)
+def test_every_wording_of_an_unsafe_pickle_is_named_unsafe(learner, tmp_path):
+    """a pickle that calls os.system is refused as unsafe (torch words it 'module posix is
+    blocked'), and the message never repeats torch's advice to use weights_only=False"""
+    sentinel = tmp_path / "code-ran"
+
+    class CallsOsSystem:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": CallsOsSystem()}, path)
+    try:
+        learner.load_checkpoint_file(path)
+    except learner.UnsafeCheckpointError as error:
+        assert "will likely succeed" not in str(error), (
+            "the message passes on torch's advice to retry with weights_only=False, which "
+            "would run the file's code: keep only the reason (_without_torch_advice)")
+    except learner.CorruptCheckpointError:
+        pytest.fail("a pickle that calls os.system was reported as corrupt, not unsafe: "
+                    "torch says 'unsupported GLOBAL posix.system whose module posix is "
+                    "blocked' (recognise every wording: _UNSAFE_CONTENT)")
+    else:
+        pytest.fail("a pickle that calls os.system was loaded")
+    assert not sentinel.exists(), "loading the checkpoint ran code: use weights_only=True"
+
+
+@pytest.mark.task(4)
+def test_malformed_pickle_is_corrupt_without_torchs_advice(learner, tmp_path):
+    """a file whose pickle torch cannot parse is corrupt, and the message never repeats
+    torch's advice to retry with weights_only=False"""
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(2)}}, buffer)
+    original = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    path = tmp_path / "malformed.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name in original.namelist():
+            data = original.read(name)
+            archive.writestr(name, b"\x80\x02\xff." if name.endswith("data.pkl") else data)
+    with pytest.raises(learner.CheckpointError) as raised:
+        learner.load_checkpoint_file(path)
+    assert "will likely succeed" not in str(raised.value), (
+        "the message passes on torch's advice to retry with weights_only=False, which would "
+        "run the file's code: keep only the reason (_without_torch_advice)")
 
 
 @pytest.mark.task(4)

@@ -4,60 +4,51 @@
 """Checkpointing for long PyTorch jobs on Slurm: survive wall-time limits, preemption,
 crashes and kills, and resume to exactly the run you would have had without them.
 
-Copy this one file into your project. It needs PyTorch and the Python standard library
-(NumPy is used when it is installed). Nothing else from the course repository is needed.
+Copy this one file into your project: it needs PyTorch and the standard library (NumPy's
+RNG is saved too when NumPy is installed). Read it top to bottom, in this order:
 
-What it gives you:
-
-* ``CheckpointManager``: atomic, checksummed saves; a completion marker written last; a
-  ``last.pt`` pointer; rotation that never deletes what you need; resume from the newest
-  checkpoint that passes verification. ``save_async`` copies the state into reused
-  buffers and writes it in a background thread while training goes on.
 * ``capture_training_state`` / ``restore_training_state``: everything a bitwise-identical
-  resume needs (model, optimizer, scheduler, AMP scaler, epoch, step, RNG of Python, NumPy,
-  torch CPU and CUDA, data order position, metrics), as a plain dict that
+  resume needs (model, optimizer, scheduler, AMP scaler, step, epoch, position in the
+  epoch, every RNG, your own ``extra`` state) as a plain dict that
   ``torch.load(path, weights_only=True)`` reads without this file.
-* ``SaveSchedule``: save every N steps, every N epochs, every T seconds, whichever is first.
-* ``PreemptionHandler`` and ``exit_after_preemption``: a signal only sets a flag; the loop
-  saves at the next step boundary, then requeues the Slurm job.
 * ``ResumableSampler``: a shuffled data order fixed by (seed, epoch) that can start in the
   middle of an epoch.
+* ``CheckpointManager``: atomic, checksummed saves, a completion marker written last, a
+  ``last.pt`` pointer, rotation that never deletes what you need, and a resume from the
+  newest checkpoint that passes verification. ``SaveSchedule`` says when to save.
+* ``PreemptionHandler``, ``EmergencyDeadline``, ``exit_after_preemption``: a signal only
+  sets a flag; the loop saves at the next step boundary, then requeues the Slurm job.
+
+Optional, in files of their own: checkpoint_fast.py (faster writes, saves in the
+background), nonfinite_guard.py, checkpoint_staging.py, preflight.py, job_context.py.
 
 Files in the checkpoint folder::
 
     step_00000400.pt        the checkpoint: a dict saved with torch.save
     step_00000400.pt.json   its completion marker: sha256, size, step, epoch, versions
-    epoch_003.pt(.json)     saved at the end of an epoch
-    time_00000457.pt(.json) saved by the timer (named by step, so names sort by progress)
+    epoch_003.pt(.json)     saved at the end of an epoch; time_00000457.pt by the timer
     last.pt -> step_00000400.pt   symlink to the newest complete checkpoint
 
-A checkpoint counts only when its marker exists and its bytes match the marker's sha256.
-A kill at any moment, even in the middle of a save, leaves at worst an unfinished temp
-file or a checkpoint without a marker; both are ignored and cleaned up on the next start.
+A checkpoint counts only when its marker exists and its bytes match the marker's sha256,
+so a kill at any moment, even in the middle of a save, leaves at worst debris that is
+ignored and cleaned up on the next start.
 
-Exit codes used by ``exit_after_preemption`` and the deadline (document them in your job):
-    0   finished                                   (EXIT_FINISHED)
-    3   preempted, checkpoint saved, job requeued  (EXIT_REQUEUED)
-    4   emergency save did not finish in time      (EXIT_SAVE_TIMEOUT)
-   75   preempted, checkpoint saved, NOT requeued  (EXIT_PREEMPTED; the batch script or
-        the user must resubmit; 75 is EX_TEMPFAIL, "try again later")
+Exit codes (say them in your batch script): 0 finished (EXIT_FINISHED); 3 preempted,
+saved and requeued (EXIT_REQUEUED); 4 the emergency save did not finish in time
+(EXIT_SAVE_TIMEOUT); 75 preempted and saved, NOT requeued: resubmit (EXIT_PREEMPTED,
+EX_TEMPFAIL "try again later").
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import contextlib
-import copy
-import ctypes
 import dataclasses
-import errno
 import faulthandler
-import fcntl
 import hashlib
 import json
 import logging
 import math
-import mmap
 import os
 import platform
 import random
@@ -123,19 +114,9 @@ class InvalidJobIdError(CheckpointError, ValueError):
 
 # --------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
-    """Return the state of every random number generator a training run draws from.
-
-    Python's ``random``, NumPy's global generator (when NumPy is installed), torch on the
-    CPU and torch on every CUDA device. Everything is stored as tensors and plain
-    containers, so ``torch.load(..., weights_only=True)`` can read it.
-
-    Example::
-
-        state = capture_rng_state()
-        a = torch.rand(3)
-        restore_rng_state(state)
-        assert torch.equal(a, torch.rand(3))
-    """
+    """The state of every random number generator a training run draws from: Python's
+    ``random``, NumPy's global generator, torch on the CPU and on every CUDA device, as
+    tensors and plain containers (``weights_only=True`` reads them)."""
     version, internal, gauss_next = random.getstate()
     state = {
         "python": {
@@ -159,12 +140,7 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
-    """Put every random number generator back to a state from ``capture_rng_state``.
-
-    Example::
-
-        restore_rng_state(checkpoint["rng"])
-    """
+    """Put every random number generator back to a state from ``capture_rng_state``."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
     torch.set_rng_state(state["torch_cpu"])
@@ -189,18 +165,14 @@ class ResumableSampler(torch.utils.data.Sampler):
     in the middle of an epoch, and splits each epoch between ranks.
 
     The order does not come from the global RNG, so restoring the RNG and restoring the
-    data position stay two independent things. Call ``set_epoch(epoch, start_batch)``
-    before iterating each epoch; after a resume, ``start_batch`` is the number of batches
-    of that epoch this rank already trained on. With ``num_replicas`` ranks, rank r takes
-    every num_replicas-th index starting at r (like DistributedSampler), so ranks see
-    disjoint data and one step of every rank covers ``num_replicas * batch_size`` samples.
-
-    Example::
+    data position stay independent. Call ``set_epoch(epoch, start_batch)`` before each
+    epoch; after a resume, ``start_batch`` is the number of batches of that epoch this
+    rank already trained on. Rank r takes every num_replicas-th index from r, like
+    DistributedSampler. Example::
 
         sampler = ResumableSampler(len(dataset), batch_size=64, seed=0)
         loader = DataLoader(dataset, batch_size=64, sampler=sampler)
         sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-        for batch in loader: ...
     """
 
     def __init__(self, dataset_size: int, *, batch_size: int, seed: int = 0,
@@ -278,56 +250,50 @@ class TrainingProgress:
         return True
 
 
-def capture_training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           progress: TrainingProgress, scheduler=None, scaler=None,
-                           sampler: ResumableSampler | None = None) -> dict:
+def capture_training_state(*, model: torch.nn.Module, progress: TrainingProgress,
+                           optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+                           scaler=None, sampler: ResumableSampler | None = None,
+                           extra: dict | None = None) -> dict:
     """Build the checkpoint dict of everything a bitwise-identical resume needs.
 
     The keys are the ones people already use (``epoch``, ``step``, ``model``,
-    ``optimizer``, ``scheduler``, ``scaler``) plus ``rng``, ``sampler``, ``metrics`` and
-    ``batch_in_epoch``. Pass the unwrapped model (``model.module`` under DDP).
-
-    Example::
+    ``optimizer``, ``scheduler``, ``scaler``) plus ``rng``, ``sampler``, ``metrics``,
+    ``batch_in_epoch`` and ``extra``: your own state (a hidden state carried between
+    batches, the best validation loss so far), which comes back as ``checkpoint["extra"]``.
+    Pass the unwrapped model (``model.module`` under DDP). Example::
 
         state = capture_training_state(model=model, optimizer=optimizer,
-                                       scheduler=scheduler, progress=progress)
+                                       progress=progress, extra={"best_loss": best})
         manager.save(state, step=progress.step, epoch=progress.epoch)
     """
+    check_plain_data(extra, "extra")
     return {
         "epoch": progress.epoch,
         "step": progress.step,
         "batch_in_epoch": progress.batch_in_epoch,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         # A disabled GradScaler has an empty state that it refuses to load back.
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": capture_rng_state(),
         "sampler": sampler.state_dict() if sampler is not None else None,
         "metrics": dict(progress.metrics),
+        "extra": extra,
     }
 
 
 def restore_training_state(checkpoint: dict, *, model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, scheduler=None, scaler=None,
+                           optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+                           scaler=None,
                            sampler: ResumableSampler | None = None) -> TrainingProgress:
-    """Load a checkpoint dict into the training objects and return the progress.
-
-    Call it before moving the model to a GPU is fine too: ``load_state_dict`` copies into
-    the tensors wherever they live. Restores the RNG last, so that nothing done while
-    loading draws a random number after the restore.
-
-    Example::
-
-        checkpoint = manager.load_latest()
-        if checkpoint is not None:
-            progress = restore_training_state(checkpoint, model=model, optimizer=optimizer)
-    """
+    """Load a checkpoint dict into the training objects and return the progress. Your
+    ``extra`` state is ``checkpoint["extra"]``. The RNG is restored last, so that nothing
+    done while loading draws a random number after the restore."""
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and not scaler.is_enabled():
         scaler = None
-    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is None:
             continue
         if checkpoint.get(name) is None:
@@ -342,114 +308,55 @@ def restore_training_state(checkpoint: dict, *, model: torch.nn.Module,
                             metrics=dict(checkpoint.get("metrics") or {}))
 
 
+# What torch.load(weights_only=True) reads back besides containers: anything else in a
+# checkpoint would make the resume refuse the file as unsafe.
+PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.dtype,
+               torch.device, torch.Size)
+
+
+def check_plain_data(value: Any, where: str) -> None:
+    """Raise TypeError, naming the culprit, when ``value`` holds anything but tensors,
+    numbers, strings and plain dicts, lists and tuples. Checked at the save, because at the
+    resume such a checkpoint could only be skipped."""
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            check_plain_data(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for index, item in enumerate(value):
+            check_plain_data(item, f"{where}[{index}]")
+    elif not isinstance(value, PLAIN_TYPES):
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: "
+                        "a checkpoint holds tensors, numbers, strings and plain dicts, "
+                        "lists and tuples only (torch.load(weights_only=True) refuses the "
+                        "rest); convert it (a NumPy array: torch.from_numpy(array))")
+
+
 # --------------------------------------------------------------------------- atomic writes
-class _StreamingHashWriter:
-    """A file opened for writing that hashes the bytes on their way to disk (no second
-    read for the checksum) and keeps up with a fast disk.
-
-    The bytes are copied into one of two reused, page-aligned 64 MiB buffers; a full buffer
-    is hashed and written by two threads at once (hashlib and os.write release the GIL)
-    while the caller fills the other. The file is opened with O_DIRECT where the file
-    system allows it: the bytes skip the page cache, so a save neither evicts the
-    training data from memory nor slows down when memory is cold, and the final fsync
-    has little left to do. Where O_DIRECT is refused (tmpfs, some network file systems),
-    the same code writes through the page cache.
-    """
-
-    BUFFER_BYTES = 64 << 20
-    ALIGN = 4096  # O_DIRECT needs aligned addresses, sizes and offsets
-    _buffers: list = []  # kept between saves: touching new memory is slow on some nodes
-    _buffers_lock = threading.Lock()
+class HashingFile:
+    """A file opened for writing that hashes the bytes on their way to disk, so the
+    checksum costs no second read of the file. (checkpoint_fast.StreamingHashWriter does
+    the same with threads and O_DIRECT, for large checkpoints on fast disks.)"""
 
     def __init__(self, path: Path):
-        direct = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self.fd, self.direct = os.open(path, flags | direct, 0o644), bool(direct)
-        except OSError:
-            self.fd, self.direct = os.open(path, flags, 0o644), False
-        self._buffers_lock.acquire()  # one save at a time uses the shared buffers
-        try:
-            if len(self._buffers) < 2 or len(self._buffers[0]) < self.BUFFER_BYTES:
-                # Anonymous maps are page-aligned, and cost only the pages that are used.
-                self._buffers[:] = [mmap.mmap(-1, self.BUFFER_BYTES) for _ in range(2)]
-        except BaseException:
-            self._buffers_lock.release()
-            os.close(self.fd)
-            raise
+        self.file = open(path, "wb")
         self.sha256, self.size = hashlib.sha256(), 0
-        self._current, self._spare = self._buffers
-        self._filled = 0
-        self._in_flight: list = []
-        self._threads = concurrent.futures.ThreadPoolExecutor(2)
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        total = len(view)
-        while view:
-            n = min(len(view), self.BUFFER_BYTES - self._filled)
-            self._current[self._filled:self._filled + n] = view[:n]
-            self._filled += n
-            view = view[n:]
-            if self._filled == self.BUFFER_BYTES:
-                self._send_full_buffer()
-        self.size += total
-        return total
-
-    def _send_full_buffer(self) -> None:
-        self._wait()  # the spare buffer is free, and hashing stays in order
-        chunk = memoryview(self._current)[:self.BUFFER_BYTES]
-        self._in_flight = [self._threads.submit(self.sha256.update, chunk),
-                           self._threads.submit(self._write_all, chunk)]
-        self._current, self._spare = self._spare, self._current
-        self._filled = 0
-
-    def _wait(self) -> None:
-        for future in self._in_flight:
-            future.result()  # raises the thread's error (ENOSPC, ...) here
-        self._in_flight = []
-
-    def _write_all(self, chunk: memoryview) -> None:
-        while chunk:
-            try:
-                written = os.write(self.fd, chunk)
-            except OSError as error:
-                if not (self.direct and error.errno == errno.EINVAL):
-                    raise
-                self._stop_direct()  # the file system opened O_DIRECT but refuses it
-                continue
-            chunk = chunk[written:]
-
-    def _stop_direct(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL,
-                    fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
-        self.direct = False
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
 
     def flush(self) -> None:
-        """Write out everything so far (the last part without O_DIRECT: its size is not
-        a multiple of the block size)."""
-        self._wait()
-        tail = memoryview(self._current)[:self._filled]
-        self.sha256.update(tail)
-        aligned = len(tail) - len(tail) % self.ALIGN
-        self._write_all(tail[:aligned])
-        if self.direct:
-            self._stop_direct()
-        self._write_all(tail[aligned:])
-        self._filled = 0
+        self.file.flush()
 
     def fileno(self) -> int:
-        return self.fd
+        return self.file.fileno()
 
-    def __enter__(self) -> "_StreamingHashWriter":
+    def __enter__(self) -> "HashingFile":
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self._threads.shutdown(wait=True)
-        finally:
-            os.close(self.fd)
-            self._buffers_lock.release()
+        self.file.close()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -471,19 +378,17 @@ def _temp_path(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> tuple[str, int]:
+def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
+                       writer_class: Callable[[Path], Any] = HashingFile) -> tuple[str, int]:
     """Write a file so that ``path`` holds either its old content or the complete new one,
     never a part: write to a temp file in the same folder, flush, fsync, rename over
     ``path``, fsync the folder. Returns the sha256 (hex) and size of the bytes written.
-
-    Example::
-
-        digest, size = atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))
+    Example: ``atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))``.
     """
     path = Path(path)
     tmp = _temp_path(path)
     try:
-        with _StreamingHashWriter(tmp) as writer:
+        with writer_class(tmp) as writer:
             write(writer)
             writer.flush()
             os.fsync(writer.fileno())  # the bytes are on disk before the name points at them
@@ -496,20 +401,6 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> tuple[str, i
     return writer.sha256.hexdigest(), writer.size
 
 
-def torch_save_without_crc(obj: Any, file) -> None:
-    """``torch.save`` without a CRC32 of every entry of its zip file: the marker's sha256
-    covers every byte already, and the CRC32 alone makes ``torch.save`` run at about half
-    the disk's speed (it is computed on one core). ``torch.load`` reads the file as
-    usual; only ``unzip -t`` would report the missing CRCs."""
-    try:
-        from torch.utils.serialization import config
-        no_crc = config.patch({"save.compute_crc32": False})
-    except (ImportError, AttributeError):  # an older torch: no switch, CRCs included
-        no_crc = contextlib.nullcontext()
-    with no_crc:
-        torch.save(obj, file)
-
-
 def atomic_write_json(path: Path, obj: dict) -> None:
     """Write a small JSON file atomically (see ``atomic_write_bytes``)."""
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -517,14 +408,10 @@ def atomic_write_json(path: Path, obj: dict) -> None:
 
 
 def sha256_of_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
-    """The sha256 (hex) of a file's bytes, read in chunks: a thread reads the next chunk
-    while this one is hashed (both release the GIL), so the disk and the hash overlap."""
+    """The sha256 (hex) of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f, \
-            concurrent.futures.ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(f.read, chunk_bytes)
-        while chunk := pending.result():
-            pending = reader.submit(f.read, chunk_bytes)
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -606,16 +493,8 @@ def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
 
 
 def find_latest_valid_checkpoint(directory: Path) -> CheckpointInfo | None:
-    """The newest checkpoint (by step) whose bytes match its marker, or None.
-
-    Newer checkpoints that fail verification are skipped with a log line that says why.
-
-    Example::
-
-        info = find_latest_valid_checkpoint("checkpoints")
-        if info is None:
-            print("starting fresh")
-    """
+    """The newest checkpoint (by step) whose bytes match its marker, or None. Newer
+    checkpoints that fail verification are skipped with a log line that says why."""
     for info in reversed(list_checkpoints(directory)):
         try:
             verify_checkpoint(info)
@@ -626,22 +505,18 @@ def find_latest_valid_checkpoint(directory: Path) -> CheckpointInfo | None:
 
 
 def load_verified_checkpoint(info: CheckpointInfo) -> dict:
-    """``verify_checkpoint`` and ``load_checkpoint_file`` at once: the sha256 pass runs in
-    a thread while ``torch.load`` reads the same file, so the disk is read once (the
-    slower reader finds the pages in the page cache) and the load hides behind the hash.
-    The loaded state is returned only when the bytes match the marker; when they do not,
-    the checksum error is raised, whatever ``torch.load`` made of them. Loading unverified
-    bytes first is safe because ``weights_only=True`` runs no code from the file.
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as hashing:
-        verified = hashing.submit(verify_checkpoint, info)
-        try:
-            checkpoint = load_checkpoint_file(info.path)
-        except CheckpointError:
-            verified.result()  # a checksum error explains a failed load better
-            raise
-        verified.result()
-    return checkpoint
+    """``verify_checkpoint``, then ``load_checkpoint_file``: the state of a checkpoint
+    whose bytes are the ones its marker describes."""
+    verify_checkpoint(info)
+    return load_checkpoint_file(info.path)
+
+
+# What torch's weights_only loader says when a file asks for something it will not run: a
+# module it blocks ("unsupported GLOBAL posix.system whose module posix is blocked"), a name
+# off its allow list ("Unsupported global: GLOBAL builtins.eval"), an object or a call it
+# does not know ("Can only build ...", "call reduce for unrecognized function ...").
+_UNSAFE_CONTENT = re.compile(r"\bGLOBAL [\w.]+|Can only (create new object|build)|"
+                             r"call reduce for unrecognized function")
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -656,17 +531,26 @@ def load_checkpoint_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         text = str(error)
-        # A file naming a callable or class that weights_only does not allow is unsafe;
-        # anything else that fails (not a zip, truncated, "Unsupported operand") is corrupt.
-        if re.search(r"Unsupported global|not an allowed global|Unsupported class", text):
-            culprit = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if _UNSAFE_CONTENT.search(text):
+            culprit = re.search(r"\bGLOBAL ([\w.]+)", text)
             raise UnsafeCheckpointError(
-                f"{Path(path).name}: refused to load, it contains objects that only a "
-                "full unpickle could create, which can run arbitrary code"
-                + (f" (it names {culprit[1]})" if culprit else "")
-                + ". Save state dicts, tensors and plain containers only."
+                f"{Path(path).name}: unsafe, refused to load: it holds objects that only a "
+                "full unpickle could create"
+                + (f" (it names {culprit[1].rstrip('.')})" if culprit else "")
+                + ", and a full unpickle can run arbitrary code. Do not retry with "
+                "weights_only=False; save state dicts, tensors and plain containers only."
             ) from None
-        raise CorruptCheckpointError(f"{Path(path).name}: cannot be read ({error})") from None
+        raise CorruptCheckpointError(
+            f"{Path(path).name}: cannot be read ({_without_torch_advice(text)})") from None
+
+
+def _without_torch_advice(text: str) -> str:
+    """torch's own reason, without its advice to load with weights_only=False (which
+    would run whatever the file holds) or its pointers to the documentation."""
+    advice = re.compile(r"weights_only|Weights only load failed|Check the documentation")
+    kept = [line.strip().removeprefix("WeightsUnpickler error: ")
+            for line in text.splitlines() if line.strip() and not advice.search(line)]
+    return " ".join(kept) or "torch.load failed"
 
 
 # --------------------------------------------------------------------------- last pointer, rotation
@@ -709,10 +593,6 @@ def rotate_checkpoints(directory: Path, *, keep: int, keep_time: int = 0,
     (pass the checkpoint you just saved and verified). Returns what was deleted.
 
     Call it only after a save succeeded, so that a failed save never costs a checkpoint.
-
-    Example::
-
-        rotate_checkpoints("checkpoints", keep=3, keep_time=2, protect=[just_saved])
     """
     if keep < 1:
         raise ValueError("keep must be at least 1: rotation must never delete everything")
@@ -797,183 +677,6 @@ class SaveSchedule:
         self.last_save = self.clock()
 
 
-# --------------------------------------------------------------------------- async save
-def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in nested dicts, lists and tuples (what state dicts are made of)."""
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors_in(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors_in(value)
-
-
-def _copied_by_storage(tensor: torch.Tensor) -> bool:
-    """Plain dense tensors are copied storage by storage; anything unusual (sparse,
-    quantized, conjugate views, subclasses) gets an ordinary clone instead."""
-    return (type(tensor) in (torch.Tensor, torch.nn.Parameter)
-            and tensor.layout == torch.strided and not tensor.is_quantized
-            and tensor.device.type in ("cpu", "cuda")
-            and not tensor.is_conj() and not tensor.is_neg())
-
-
-class ReusedStateBuffers:
-    """CPU copies of a state's tensors in buffers that are allocated at the first copy
-    and reused by every later one.
-
-    Why reused: the first write to fresh memory costs a page fault per page, which makes
-    copying 1 GB into new memory take 0.3 to 2 s on a virtual machine, against 0.05 s into
-    memory already touched. Training is blocked while the copy runs, so only the first
-    save pays for cold memory. The copy is made storage by storage: tensors that share
-    memory (tied weights, views) share it in the copy too, and ``torch.save`` writes the
-    same bytes as for the original. CUDA tensors are copied into pinned memory without
-    waiting; ``wait_until_copied`` (called by the writer thread) waits for them.
-    """
-
-    def __init__(self):
-        self._buffers: list[torch.UntypedStorage] = []
-        self.allocations = 0  # buffers allocated so far: stays put once the buffers are warm
-        self._cuda_events: list = []
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buffer.nbytes() for buffer in self._buffers)
-
-    def copy(self, state: Any) -> Any:
-        """A copy of ``state`` (containers rebuilt, tensors copied into the buffers) that
-        later changes to the original's tensors do not reach."""
-        copies: dict[int, torch.Tensor] = {}  # id(original tensor) -> its copy
-        storages: dict[tuple, torch.UntypedStorage] = {}  # original storage -> its buffer
-        for tensor in _tensors_in(state):
-            if id(tensor) in copies:
-                continue
-            if not _copied_by_storage(tensor):
-                copies[id(tensor)] = tensor.detach().clone()
-                continue
-            storage = tensor.untyped_storage()
-            key = (storage.device, storage.data_ptr(), storage.nbytes())
-            if key not in storages:
-                storages[key] = self._copy_storage(len(storages), storage)
-            copies[id(tensor)] = self._tensor_view(storages[key], tensor)
-        del self._buffers[len(storages):]  # a state that shrank keeps no stale buffers
-        self._cuda_events = self._record_cuda_copies({key[0] for key in storages})
-        # deepcopy rebuilds the containers (OrderedDict with its _metadata too) and takes
-        # every tensor it meets from `copies`, its memo, instead of copying it again.
-        return copy.deepcopy(state, copies)
-
-    def reserve(self, state: Any) -> None:
-        """Allocate and touch the buffers that copying ``state`` will use, copying
-        nothing. Run in a thread ahead of the first copy, it takes the page faults off
-        the time training is blocked (they do not hold the GIL)."""
-        seen: set[tuple] = set()
-        for tensor in _tensors_in(state):
-            if not _copied_by_storage(tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = (storage.device, storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                buffer = self._buffer_for(len(seen), storage)
-                seen.add(key)
-                if not buffer.is_pinned() and buffer.nbytes():  # pinned memory is resident
-                    ctypes.memset(buffer.data_ptr(), 0, buffer.nbytes())
-
-    def wait_until_copied(self) -> None:
-        for event in self._cuda_events:
-            event.synchronize()
-
-    def _buffer_for(self, index: int, source: torch.UntypedStorage) -> torch.UntypedStorage:
-        """The buffer at ``index`` if it fits ``source``, else a new one in its place."""
-        from_cuda = source.device.type == "cuda"
-        if index < len(self._buffers) and self._buffers[index].nbytes() == source.nbytes() \
-                and self._buffers[index].is_pinned() == from_cuda:
-            return self._buffers[index]
-        buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
-                             pin_memory=from_cuda).untyped_storage()
-        self.allocations += 1
-        if index < len(self._buffers):
-            self._buffers[index] = buffer
-        else:
-            self._buffers.append(buffer)
-        return buffer
-
-    def _copy_storage(self, index: int, source: torch.UntypedStorage) -> torch.UntypedStorage:
-        buffer = self._buffer_for(index, source)
-        if source.device.type == "cuda":
-            buffer.copy_(source, non_blocking=True)
-        elif source.nbytes():
-            # A plain memcpy, not torch's copy: that one splits large copies over the
-            # intra-op threads, and when a core is busy with something else (a data
-            # loader, another job) each split waits for it: 30 times slower, measured.
-            ctypes.memmove(buffer.data_ptr(), source.data_ptr(), source.nbytes())
-        return buffer
-
-    @staticmethod
-    def _tensor_view(buffer: torch.UntypedStorage, original: torch.Tensor) -> torch.Tensor:
-        view = torch.empty(0, dtype=original.dtype).set_(
-            buffer, original.storage_offset(), original.size(), original.stride())
-        if isinstance(original, torch.nn.Parameter):
-            return torch.nn.Parameter(view, requires_grad=original.requires_grad)
-        return view.requires_grad_(original.requires_grad)
-
-    @staticmethod
-    def _record_cuda_copies(devices: set) -> list:
-        events = []
-        for device in devices:
-            if device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                events.append(event)
-        return events
-
-
-class AsyncSaveError(CheckpointError):
-    """A checkpoint that ``CheckpointManager.save_async`` wrote in the background failed;
-    raised by the next call to the manager (the cause is chained)."""
-
-
-class PendingSave:
-    """A checkpoint that ``CheckpointManager.save_async`` is writing in the background.
-
-    ``blocked_seconds`` is how long the call kept training waiting (the copy into the
-    reused buffers). ``wait()`` returns the saved checkpoint's ``CheckpointInfo`` or
-    raises ``AsyncSaveError``.
-    """
-
-    def __init__(self, *, step: int | None, kind: str, blocked_seconds: float = 0.0):
-        self.step = step  # None for prepare_async_save's buffer preparation
-        self.kind = kind
-        self.blocked_seconds = blocked_seconds
-        self._finished = threading.Event()
-        self._info: CheckpointInfo | None = None
-        self._error: BaseException | None = None
-        self._error_reported = False
-
-    @classmethod
-    def already_saved(cls, info: CheckpointInfo) -> "PendingSave":
-        pending = cls(step=info.step, kind=info.kind)
-        pending._finish(info=info)
-        return pending
-
-    def done(self) -> bool:
-        return self._finished.is_set()
-
-    def wait(self) -> CheckpointInfo:
-        self._finished.wait()
-        if self._error is not None:
-            self._error_reported = True
-            what = ("preparing the buffers" if self.step is None
-                    else f"the background save of step {self.step}")
-            raise AsyncSaveError(f"{what} failed: {self._error!r}") from self._error
-        return self._info
-
-    def _finish(self, *, info: CheckpointInfo | None = None,
-                error: BaseException | None = None) -> None:
-        self._info, self._error = info, error
-        self._finished.set()
-
-
 # --------------------------------------------------------------------------- the manager
 def library_versions() -> dict:
     versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
@@ -1009,114 +712,20 @@ class CheckpointManager:
         self.last_saved: CheckpointInfo | None = None
         self.save_seconds = 0.0
         self.save_count = 0
-        self._async_buffers = ReusedStateBuffers()  # allocated at the first save_async
-        self._pending: PendingSave | None = None
 
     def save(self, state: dict, *, step: int, epoch: int, kind: str = "step") -> CheckpointInfo:
         """Save ``state`` durably, write its completion marker, move ``last.pt``, rotate.
 
         A save at a step that already has a checkpoint from this process is skipped (a
         preemption signal right after a periodic save costs nothing), except an epoch
-        checkpoint, which is a milestone of its own. A background save still running is
-        finished first (an emergency save never races it for the folder).
+        checkpoint, which is a milestone of its own.
         """
-        self.wait_for_saves()
         if self._already_saved(step, kind):
             return self.last_saved
         return self._write(state, step=step, epoch=epoch, kind=kind, saved_at=time.time())
 
-    def save_async(self, state: dict, *, step: int, epoch: int,
-                   kind: str = "step") -> PendingSave:
-        """Copy ``state``'s tensors into reused CPU buffers, return, and save the copy in
-        a background thread: the same file, marker and rotation as ``save``. Training
-        may change the model as soon as this returns.
-
-        At most one save is in flight: this first waits for the previous one, and raises
-        ``AsyncSaveError`` if it failed (a failure is also logged when it happens). Call
-        ``wait_for_saves()`` (or ``close()``) before reading the folder yourself; ``save``
-        and ``load_latest`` do it for you. A kill during the background write leaves the
-        previous checkpoint current: the new one gets its marker only when complete.
-
-        Example::
-
-            manager.save_async(state, step=progress.step, epoch=progress.epoch)
-            ...                                  # training goes on
-            manager.save(state, step=..., epoch=..., kind="preempt")  # waits, then saves
-        """
-        self.wait_for_saves()
-        if self._already_saved(step, kind):
-            return PendingSave.already_saved(self.last_saved)
-        started, saved_at = time.perf_counter(), time.time()
-        copied = self._async_buffers.copy(state)
-        pending = PendingSave(step=step, kind=kind,
-                              blocked_seconds=time.perf_counter() - started)
-        self._pending = pending
-        # Not a daemon: a normal exit (sys.exit after a preemption, say) waits for it.
-        threading.Thread(target=self._write_in_background, name="checkpoint-save",
-                         args=(pending, copied, step, epoch, kind, saved_at)).start()
-        return pending
-
-    def prepare_async_save(self, state: dict) -> None:
-        """Allocate and touch ``save_async``'s buffers for ``state`` in a background
-        thread, so that the first ``save_async`` does not block training while cold
-        memory is faulted in (2.8 s for 1 GB on the course's virtual machine, 0.07 s into
-        warm buffers). Call it once training has run a step, when the optimizer state
-        exists; ``save_async`` waits for it if it is still running.
-
-        Example::
-
-            if step == 1:
-                manager.prepare_async_save(capture_training_state(...))
-        """
-        self.wait_for_saves()
-        pending = PendingSave(step=None, kind="prepare")
-        self._pending = pending
-        threading.Thread(target=self._prepare_in_background, args=(pending, state),
-                         name="checkpoint-prepare", daemon=True).start()
-
-    def _prepare_in_background(self, pending: PendingSave, state: dict) -> None:
-        try:
-            self._async_buffers.reserve(state)
-        except BaseException as error:
-            log.error("preparing the buffers of save_async failed: %r", error)
-            pending._finish(error=error)
-        else:
-            pending._finish()
-
-    def wait_for_saves(self) -> CheckpointInfo | None:
-        """Wait for the background save in flight, if any; return what it saved, or raise
-        ``AsyncSaveError`` if it failed and nobody was told yet."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        pending._finished.wait()
-        if pending._error is not None and pending._error_reported:
-            return None
-        return pending.wait()
-
-    def close(self) -> None:
-        """Finish the background save, if any (raises its error)."""
-        self.wait_for_saves()
-
-    def __enter__(self) -> "CheckpointManager":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _already_saved(self, step: int, kind: str) -> bool:
         return self.last_saved is not None and self.last_saved.step == step and kind != "epoch"
-
-    def _write_in_background(self, pending: PendingSave, copied: dict, step: int,
-                             epoch: int, kind: str, saved_at: float) -> None:
-        try:
-            self._async_buffers.wait_until_copied()
-            info = self._write(copied, step=step, epoch=epoch, kind=kind, saved_at=saved_at)
-        except BaseException as error:  # kept for the next call; logged now in case none comes
-            log.error("background save of step %d failed: %r", step, error)
-            pending._finish(error=error)
-        else:
-            pending._finish(info=info)
 
     def _write(self, state: dict, *, step: int, epoch: int, kind: str,
                saved_at: float) -> CheckpointInfo:
@@ -1124,7 +733,7 @@ class CheckpointManager:
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
         path = self.directory / name
         state = {**state, "meta": self._meta(step, epoch, kind, saved_at)}
-        digest, size = atomic_write_bytes(path, lambda f: torch_save_without_crc(state, f))
+        digest, size = self._write_file(path, state)
         # The marker is written last: it is the proof that the file above is complete.
         atomic_write_json(marker_path(path), {**state["meta"], "sha256": digest, "size": size})
         update_last_pointer(self.directory, name)
@@ -1139,6 +748,13 @@ class CheckpointManager:
         rotate_checkpoints(self.directory, keep=self.keep, keep_time=self.keep_time,
                            max_bytes=self.max_bytes, protect=[path])
         return info
+
+    def _write_file(self, path: Path, state: dict) -> tuple[str, int]:
+        """Write ``state`` to ``path`` atomically; return its sha256 and size."""
+        return atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+    def _load_verified(self, info: CheckpointInfo) -> dict:
+        return load_verified_checkpoint(info)
 
     def _quarantine(self, info: CheckpointInfo) -> None:
         folder = self.directory / "corrupt"
@@ -1163,11 +779,10 @@ class CheckpointManager:
         ``last.pt``), and ``last.pt`` is pointed at the checkpoint actually resumed from.
         Pass ``quarantine=False`` on every process but the one that saves.
         """
-        self.wait_for_saves()
         candidates = list_checkpoints(self.directory)
         for info in reversed(candidates):
             try:
-                checkpoint = load_verified_checkpoint(info)
+                checkpoint = self._load_verified(info)
             except CheckpointError as error:
                 what = "unsafe" if isinstance(error, UnsafeCheckpointError) else "corrupt"
                 log.warning("skipped %s checkpoint: %s", what, error)
@@ -1258,11 +873,7 @@ class EmergencyDeadline:
     If the interpreter itself is stuck (a C call holding the GIL), faulthandler's C-level
     watchdog dumps the stack and exits a few seconds later. The previous complete
     checkpoint stays valid either way: the unfinished one has no completion marker.
-
-    Example::
-
-        with EmergencyDeadline(60):
-            manager.save(state, step=step, epoch=epoch, kind="preempt")
+    Example: ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``.
     """
 
     def __init__(self, seconds: float, backstop_seconds: float = 5.0):
@@ -1299,11 +910,6 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 
     The command is run with an argument list, never through a shell, and the id is
     validated first.
-
-    Example::
-
-        if not requeue_slurm_job():
-            sys.exit(EXIT_PREEMPTED)   # let the batch script requeue
     """
     raise NotImplementedError('Task 2: Requeue with scontrol, safely (see README.md)')
 
@@ -1311,11 +917,5 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
     """Exit after the emergency checkpoint was saved: requeue the Slurm job and exit with
     ``EXIT_REQUEUED``, or exit with ``EXIT_PREEMPTED`` when requeueing is off or failed.
-
-    Example::
-
-        if preemption.requested:
-            manager.save(state, step=step, epoch=epoch, kind="preempt")
-            exit_after_preemption(preemption)
     """
     raise NotImplementedError('Task 3: Exit with the right code (see README.md)')
