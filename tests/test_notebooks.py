@@ -18,7 +18,7 @@ the Octave kernel reports `error: ...` as ordinary output, and IRkernel shows an
 a stream or as an error output depending on where it happens.
 
 To store new outputs after changing a notebook (from the repository root):
-    .venv/bin/jupyter execute --inplace notebooks/01-basic-checkpoint.ipynb
+    .venv/bin/python scripts/execute_notebooks.py notebooks/01-basic-checkpoint.ipynb
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def test_printed_kit_source_is_the_kits_current_source(path):
     """A cell that prints kit code with inspect.getsource is not compared by nbval (its
     comments may change), so its stored output would go stale, and the site would show
     old code. It must still be a piece of a template as the template is now: re-run the
-    notebook (`.venv/bin/jupyter execute --inplace NOTEBOOK`) after changing that code."""
+    notebook (`.venv/bin/python scripts/execute_notebooks.py NOTEBOOK`) after changing that code."""
     templates = [file.read_text() for file in (REPO / "templates").glob("*.py")]
     stale = []
     for cell in read_notebook(REPO / path)["cells"]:
