@@ -280,16 +280,25 @@ def storage_errors_explained(folder: str | os.PathLike, *, step: int, epoch: int
     """
     try:
         yield
-    except (OSError, CheckpointError) as error:
-        # A background save (checkpoint_fast's save_async) reports its OSError as the
-        # cause of an AsyncSaveError, a CheckpointError.
-        cause = error if isinstance(error, OSError) else error.__cause__
-        if (isinstance(error, StorageUnusableError) or not isinstance(cause, OSError)
-                or cause.errno not in STORAGE_ERRORS):
+    except Exception as error:
+        cause = storage_error_behind(error)
+        if isinstance(error, StorageUnusableError) or cause is None:
             raise
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
         raise StorageUnusableError(explain_failed_save(Path(folder), name, size, cause)) \
-            from error
+            from cause
+
+
+def storage_error_behind(error: BaseException) -> OSError | None:
+    """The storage OSError (disk full, quota, read-only, ...) that ``error`` is or stands
+    for: checkpoint_fast's AsyncSaveError carries it as its cause, and torch.save, when a
+    write fails under it, raises a RuntimeError of its own ("unexpected pos") while
+    handling it (the context)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def explain_failed_save(folder: Path, name: str, size: int | None, error: OSError) -> str:
