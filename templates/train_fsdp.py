@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import random
 import signal
 import sys
@@ -254,6 +255,9 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
     device = (torch.device("cuda", ctx.local_rank) if torch.cuda.is_available()
               else torch.device("cpu"))
     seed_all(args.seed)
+    # On a GPU, deterministic cuBLAS needs this before its first matrix product (torch
+    # raises an error otherwise); on a CPU it changes nothing. Not run here: no GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
 
     dataset = make_dataset(args.seed)

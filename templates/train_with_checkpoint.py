@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import random
 import sys
 import time
@@ -334,6 +335,9 @@ def train(args, preemption: PreemptionHandler) -> int:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    # On a GPU, deterministic cuBLAS needs this before its first matrix product (torch
+    # raises an error otherwise); on a CPU it changes nothing. Not run here: no GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
 
     dataset = make_dataset(args.seed)

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -408,6 +409,9 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     checkpoint when there is one."""
     device = torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else \
         torch.device("cpu")
+    # On a GPU, deterministic cuBLAS needs this before its first matrix product (torch
+    # raises an error otherwise); on a CPU it changes nothing. Not run here: no GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
 
     # The same seed on every rank builds the same initial weights (DDP would broadcast
