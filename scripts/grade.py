@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from copy_lists import copy_set
 from make_starters import REPO, all_exercises
 
 
@@ -37,13 +38,23 @@ def find_exercise(name: str) -> dict:
     return matches[0]
 
 
+def files_beside_the_learner(exercise: dict) -> list[str]:
+    """The template files a check needs beside the learner's file: the list in
+    exercise.toml, or, when it names a training script, that script's copy set
+    (templates/copy-lists.toml) without the file the learner writes."""
+    grade_with = exercise.get("grade_with", [])
+    if isinstance(grade_with, str):
+        return [name for name in copy_set(grade_with) if name != exercise["starter"]]
+    return grade_with
+
+
 def run_checks(exercise: dict, learner_file: Path, tasks: list[int] | None = None) -> list[dict]:
     """Run the exercise's grader in a fresh Python process; return one record per check.
     With ``tasks``, only the checks of those tasks run."""
     with tempfile.TemporaryDirectory() as scratch:
         record = Path(scratch) / "checks.json"
         env = {**os.environ, "GRADE_FILE": str(learner_file), "GRADE_AS": exercise["starter"],
-               "GRADE_WITH": " ".join(exercise.get("grade_with", [])),
+               "GRADE_WITH": " ".join(files_beside_the_learner(exercise)),
                "GRADE_TEMPLATE": str(REPO / exercise["template"]),
                "GRADE_LANGUAGE": exercise["language"],
                "PYTHONPATH": str(REPO / "scripts")}

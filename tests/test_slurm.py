@@ -15,14 +15,14 @@ import subprocess
 import pytest
 
 from compare_checkpoints import checkpoint_differences
+from copy_lists import copy_set
 from conftest import TEMPLATES
 from slurm_cluster import last_step, user_project
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
-# What a user copies for the single-process template: the script and the files it imports.
-KIT = ("train_with_checkpoint.py", "checkpoint_utils.py", "nonfinite_guard.py", "preflight.py",
-       "checkpoint_staging.py", "job_context.py")
+# What a user copies for the single-process template, extras included (copy-lists.toml).
+KIT = tuple(copy_set("train_with_checkpoint"))
 # Slow steps, so that signals land mid-run however fast the machine is.
 SLOW = "--steps {steps} --simulate-step-seconds 0.02 --save-every-steps 50 --log-every 10"
 
@@ -159,7 +159,7 @@ def test_time_limit_signal_arrives_before_the_kill(slurm, tmp_path, reference):
 
 
 # ------------------------------------------------------------------ DDP under srun
-DDP_KIT = KIT + ("distributed_utils.py", "train_ddp.py")
+DDP_KIT = tuple(copy_set("train_ddp"))
 
 
 def test_ddp_job_completes(slurm, tmp_path):
@@ -325,8 +325,7 @@ def test_tf_template_under_preemptible_sbatch_requeues_and_resumes(slurm, tmp_pa
     subprocess.run([python_exe, str(TEMPLATES / "train_tf.py"), "--ckpt-dir",
                     str(reference_dir), "--steps", "200", "--save-every-steps", "50"],
                    check=True, capture_output=True, timeout=120)
-    project = user_project(tmp_path, "train_tf.py", "tf_checkpoint_utils.py", "job_context.py",
-                           "preemptible.sbatch")
+    project = user_project(tmp_path, *copy_set("train_tf"), "preemptible.sbatch")
     job_id = slurm.submit(project / "preemptible.sbatch", project, PROGRAM="train_tf.py",
                           TRAIN_ARGS=SLOW.format(steps=200))
     output_file = project / f"ckpt-preemptible-{job_id}.out"
@@ -355,8 +354,7 @@ def test_tf_multiworker_under_srun_is_signalled_and_resumes(slurm, tmp_path, pyt
     run_until_finished([python_exe, str(TEMPLATES / "train_tf_multiworker.py"), "--ckpt-dir",
                         str(reference_dir), *args.split()], world_size=2,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    project = user_project(tmp_path, "train_tf_multiworker.py", "train_tf.py",
-                           "tf_checkpoint_utils.py", "job_context.py", "ddp.sbatch")
+    project = user_project(tmp_path, *copy_set("train_tf_multiworker"), "ddp.sbatch")
     job_id = slurm.submit(project / "ddp.sbatch", project, PROGRAM="train_tf_multiworker.py",
                           TRAIN_ARGS=args)
     output_file = project / f"ckpt-ddp-{job_id}.out"
