@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
-from make_starters import LANGUAGES, _find_function, load_exercise
+from make_starters import LANGUAGES, find_function, load_exercise
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
@@ -176,11 +176,11 @@ def write_hybrid_kit(folder: Path, functions: Sequence[str]) -> Path:
     swaps = []
     for dotted in functions:
         try:
-            mine = _find_function(theirs, dotted)
+            mine = find_function(theirs, dotted)
         except (LookupError, StopIteration):
             raise AssertionError(f"your file has no function {dotted}: keep the names and "
                                  "signatures of the starter") from None
-        original = _find_function(ours, dotted)
+        original = find_function(ours, dotted)
         block = "\n".join(their_lines[_first_line(mine) - 1:mine.end_lineno])
         if mine.col_offset != original.col_offset:
             block = textwrap.indent(textwrap.dedent(block), " " * original.col_offset)

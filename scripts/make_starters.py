@@ -58,7 +58,7 @@ def all_exercises() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- Python
-def _find_function(tree: ast.Module, dotted: str) -> ast.FunctionDef:
+def find_function(tree: ast.Module, dotted: str) -> ast.FunctionDef:
     """A top-level function ("name") or a method ("Class.name")."""
     scope: list[ast.stmt] = tree.body
     *owners, name = dotted.split(".")
@@ -85,7 +85,7 @@ class FunctionSpan:
 
 def python_span(source: str, dotted: str) -> FunctionSpan:
     """The body after the docstring is cut, down to the function's last line."""
-    function = _find_function(ast.parse(source), dotted)
+    function = find_function(ast.parse(source), dotted)
     body = function.body
     has_docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                      and isinstance(body[0].value.value, str))
