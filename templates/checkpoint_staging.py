@@ -68,15 +68,17 @@ class StagedCheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, local_directory: str | os.PathLike, *,
-                 keep: int = 3, keep_time: int = 2, max_bytes: int | None = None,
-                 world_size: int = 1, local_keep: int = 2,
+                 keep: int = 3, keep_time: int = 2, keep_epochs: int | None = None,
+                 max_bytes: int | None = None, world_size: int = 1, local_keep: int = 2,
                  copy_bytes_per_second: float | None = None):
         # The shared folder's own manager: it makes the folder, removes the temp files of
         # a copy that was killed, and resumes from (and quarantines) what is there.
         self.shared = CheckpointManager(directory, keep=keep, keep_time=keep_time,
-                                        max_bytes=max_bytes, world_size=world_size)
+                                        keep_epochs=keep_epochs, max_bytes=max_bytes,
+                                        world_size=world_size)
         self.directory = self.shared.directory
-        self.keep, self.keep_time, self.max_bytes = keep, keep_time, max_bytes
+        self.keep, self.keep_time, self.keep_epochs = keep, keep_time, keep_epochs
+        self.max_bytes = max_bytes
         self.copy_bytes_per_second = copy_bytes_per_second
         local = Path(local_directory)
         if local.resolve() == self.directory.resolve():
@@ -218,7 +220,8 @@ class StagedCheckpointManager:
         update_last_pointer(self.directory, info.name)
         self._durable = read_marker(target)
         rotate_checkpoints(self.directory, keep=self.keep, keep_time=self.keep_time,
-                           max_bytes=self.max_bytes, protect=[target])
+                           keep_epochs=self.keep_epochs, max_bytes=self.max_bytes,
+                           protect=[target])
         elapsed = time.perf_counter() - started
         self.copy_seconds += elapsed
         log.info("copied %s to %s (%.1f MB, %.2f s)", info.name, self.directory,

@@ -186,7 +186,8 @@ def make_checkpoint_manager(args, ctx: DistributedContext) -> CheckpointManager 
     if not ctx.is_main:
         return None
     return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
-                             max_bytes=args.max_bytes, world_size=ctx.world_size)
+                             keep_epochs=args.keep_epochs, max_bytes=args.max_bytes,
+                             world_size=ctx.world_size)
 
 
 def save_checkpoint(manager: CheckpointManager | None, kind: str, *,
@@ -430,8 +431,8 @@ def stage_locally(args, manager: CheckpointManager | None, ctx: DistributedConte
     if manager is None or not args.local_stage_dir:
         return manager
     return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
-                                   keep_time=args.keep_time, max_bytes=args.max_bytes,
-                                   world_size=ctx.world_size)
+                                   keep_time=args.keep_time, keep_epochs=args.keep_epochs,
+                                   max_bytes=args.max_bytes, world_size=ctx.world_size)
 
 
 def build_run(args, ctx: DistributedContext) -> DDPRun:

@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every-seconds", type=float, default=None)
     p.add_argument("--keep", type=int, default=3, help="step/epoch checkpoints to keep")
     p.add_argument("--keep-time", type=int, default=2, help="time-based checkpoints to keep")
+    p.add_argument("--keep-epochs", type=int, default=None,
+                   help="keep this many epoch checkpoints apart from the step ones, as "
+                        "milestones (default: they rotate with the step checkpoints)")
     p.add_argument("--max-bytes", type=int, default=None, help="size budget of the folder")
     p.add_argument("--async-save", action="store_true",
                    help="write periodic checkpoints in the background (training waits only "
@@ -250,17 +253,18 @@ def make_checkpoint_manager(args, model, optimizer):
         if checkpoint_fast is None:
             sys.exit("--async-save needs checkpoint_fast.py beside this script")
         return checkpoint_fast.FastCheckpointManager(
-            args.ckpt_dir, keep=args.keep, keep_time=args.keep_time, max_bytes=args.max_bytes)
+            args.ckpt_dir, keep=args.keep, keep_time=args.keep_time, keep_epochs=args.keep_epochs,
+            max_bytes=args.max_bytes)
     if not args.local_stage_dir:
         return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
-                                 max_bytes=args.max_bytes)
+                                 keep_epochs=args.keep_epochs, max_bytes=args.max_bytes)
     if checkpoint_staging is None:
         sys.exit("--local-stage-dir needs checkpoint_staging.py beside this script")
     if preflight:
         preflight.check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
     return checkpoint_staging.StagedCheckpointManager(
         args.ckpt_dir, args.local_stage_dir, keep=args.keep, keep_time=args.keep_time,
-        max_bytes=args.max_bytes)
+        keep_epochs=args.keep_epochs, max_bytes=args.max_bytes)
 
 
 def storage_errors_explained(manager, *, step: int, epoch: int, kind: str, state=None):

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -558,3 +560,23 @@ def test_sampler_splits_each_epoch_into_disjoint_equal_rank_shares():
     assert shares[1].batches_per_epoch() == 8
     shares[1].set_epoch(2, start_batch=3)
     assert list(shares[1]) == orders[1][12:]
+
+
+def test_kit_lines_show_when_the_program_configures_no_logging(tmp_path):
+    """A script that never configures logging still shows what was saved and resumed (on
+    stderr); one that configures it gets each line once, through its own handlers."""
+    code = ("import sys, torch; sys.path.insert(0, {templates!r})\n"
+            "import checkpoint_utils as cu\n{configure}"
+            "manager = cu.CheckpointManager({folder!r})\n"
+            "manager.save({{'w': torch.ones(2)}}, step=1, epoch=0)\n")
+    templates = str(Path(cu.__file__).parent)
+    for configure, stream in (("", "stderr"),
+                              ("import logging; logging.basicConfig(level=logging.INFO, "
+                               "stream=sys.stdout, format='%(message)s')\n", "stdout")):
+        folder = str(tmp_path / stream)
+        result = subprocess.run([sys.executable, "-c", code.format(
+            templates=templates, configure=configure, folder=folder)],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        shown = getattr(result, stream)
+        assert shown.count("saved step_00000001.pt") == 1, (stream, result.stdout, result.stderr)

@@ -91,6 +91,26 @@ def test_epoch_and_preempt_checkpoints_count_against_keep(tmp_path):
     assert remaining == {("epoch", 200), ("preempt", 300), ("time", 250)}
 
 
+def test_epoch_checkpoints_kept_apart_as_milestones_with_keep_epochs(tmp_path):
+    """With keep_epochs, later step saves never push out the epoch checkpoints: the newest
+    keep_epochs of them stay, while the step ones rotate among themselves."""
+    manager = cu.CheckpointManager(tmp_path, keep=2, keep_epochs=2)
+    for epoch in (1, 2, 3):
+        manager.save(tiny_state(100 * epoch), step=100 * epoch, epoch=epoch, kind="epoch")
+        for step in range(100 * epoch + 10, 100 * epoch + 50, 10):
+            manager.save(tiny_state(step), step=step, epoch=epoch)
+
+    remaining = [(info.kind, info.step) for info in cu.list_checkpoints(tmp_path)]
+    assert remaining == [("epoch", 200), ("epoch", 300), ("step", 330), ("step", 340)]
+
+
+def test_keep_epochs_zero_keeps_no_epoch_checkpoint_but_the_protected(tmp_path):
+    manager = cu.CheckpointManager(tmp_path, keep=2, keep_epochs=0)
+    manager.save(tiny_state(100), step=100, epoch=1, kind="epoch")
+    manager.save(tiny_state(110), step=110, epoch=1)
+    assert [info.step for info in cu.list_checkpoints(tmp_path)] == [110]
+
+
 # --------------------------------------------------------------------------- never deleted
 def test_rotation_never_deletes_what_last_points_to_even_the_oldest(tmp_path):
     save_steps(tmp_path, [100, 200, 300])

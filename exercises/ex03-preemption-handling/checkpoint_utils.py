@@ -71,6 +71,26 @@ except ImportError:  # pragma: no cover - exercised only where NumPy is absent
 
 log = logging.getLogger("checkpoint")
 
+
+class _StderrUntilConfigured(logging.StreamHandler):
+    """Prints the kit's lines while the program has configured no logging of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def log_to_stderr_unless_configured() -> None:
+    """The kit's lines are the job's record of what was saved, skipped and resumed. In a
+    program that configures no logging, Python would show its warnings only: print every
+    line to stderr instead, until the program configures logging itself."""
+    if not log.handlers:
+        handler = _StderrUntilConfigured()
+        handler.setFormatter(logging.Formatter("[checkpoint] %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET and not logging.getLogger().handlers:
+            log.setLevel(logging.INFO)
+
 FORMAT_VERSION = 1
 CHECKPOINT_SUFFIX = ".pt"
 MARKER_SUFFIX = ".json"  # appended to the checkpoint's name: step_00000400.pt.json
@@ -584,12 +604,18 @@ def _remove_checkpoint(info: CheckpointInfo) -> None:
     info.path.unlink(missing_ok=True)
 
 
+def _all_but_newest(infos: list[CheckpointInfo], count: int) -> list[CheckpointInfo]:
+    return infos[:-count] if count > 0 else infos
+
+
 def rotate_checkpoints(directory: Path, *, keep: int, keep_time: int = 0,
-                       max_bytes: int | None = None,
+                       keep_epochs: int | None = None, max_bytes: int | None = None,
                        protect: Sequence[Path] = ()) -> list[CheckpointInfo]:
     """Delete old checkpoints: keep the newest ``keep`` step/epoch/preempt checkpoints and
     the newest ``keep_time`` time-based ones, then, with ``max_bytes``, delete the oldest
-    until the total fits. Never deletes what ``last.pt`` names or anything in ``protect``
+    until the total fits. With ``keep_epochs``, epoch checkpoints are milestones apart
+    from the step ones: the newest ``keep_epochs`` of them are kept, however many step
+    saves come after. Never deletes what ``last.pt`` names or anything in ``protect``
     (pass the checkpoint you just saved and verified). Returns what was deleted.
 
     Call it only after a save succeeded, so that a failed save never costs a checkpoint.
@@ -605,9 +631,12 @@ def rotate_checkpoints(directory: Path, *, keep: int, keep_time: int = 0,
     def deletable(info: CheckpointInfo) -> bool:
         return info.path.resolve() not in protected
 
-    regular = [c for c in checkpoints if c.kind not in TIME_KINDS]
+    apart = {"epoch"} if keep_epochs is not None else set()  # milestones, kept apart
+    regular = [c for c in checkpoints if c.kind not in TIME_KINDS | apart]
     timed = [c for c in checkpoints if c.kind in TIME_KINDS]
-    doomed = regular[:-keep] + (timed[:-keep_time] if keep_time > 0 else timed)
+    epochs = [c for c in checkpoints if c.kind in apart]
+    doomed = (_all_but_newest(regular, keep) + _all_but_newest(timed, keep_time)
+              + _all_but_newest(epochs, keep_epochs or 0))
     doomed = [c for c in doomed if deletable(c)]
     if max_bytes is not None:
         survivors = [c for c in checkpoints if c not in doomed]
@@ -699,12 +728,15 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_time: int = 2,
-                 max_bytes: int | None = None, world_size: int = 1):
+                 keep_epochs: int | None = None, max_bytes: int | None = None,
+                 world_size: int = 1):
         if keep < 1:
             raise ValueError("keep must be at least 1")
+        log_to_stderr_unless_configured()
         self.directory = Path(directory)
         self.keep = keep
         self.keep_time = keep_time
+        self.keep_epochs = keep_epochs
         self.max_bytes = max_bytes
         self.world_size = world_size
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -746,6 +778,7 @@ class CheckpointManager:
         log.info("saved %s (step %d, epoch %d, %.1f MB, %.2f s)",
                  name, step, epoch, size / 1e6, elapsed)
         rotate_checkpoints(self.directory, keep=self.keep, keep_time=self.keep_time,
+                           keep_epochs=self.keep_epochs,
                            max_bytes=self.max_bytes, protect=[path])
         return info
 
