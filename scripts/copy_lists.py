@@ -1,4 +1,4 @@
-"""The copy lists of templates/: which files a user copies for each training script.
+"""The copy lists of templates/: which files a user copies for each script they run.
 
 templates/copy-lists.toml declares them once; the tests, the graders and this script read
 it. This script also keeps the table of templates/README.md in step with it:
@@ -35,7 +35,7 @@ def copy_set(script: str, *, extras: bool = True) -> list[str]:
 
 
 def readme_table() -> str:
-    rows = ["| Training script | Copy beside it | Extras: each switches on when copied |",
+    rows = ["| Script | Copy beside it | Extras: each switches on when copied |",
             "|---|---|---|"]
     for name, declared in copy_lists().items():
         needs = ", ".join(f"`{f}`" for f in declared["needs"])

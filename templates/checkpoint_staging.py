@@ -18,7 +18,7 @@ fsynced and renamed, then its completion marker is written, and only then is ``l
 moved to it and old copies rotated. A kill at any moment leaves at worst a temp file that
 the next start removes. An emergency save (``kind="preempt"``) waits for its copy.
 
-Needs checkpoint_utils.py and preflight.py beside it.
+Needs checkpoint_utils.py and storage_check.py beside it.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from checkpoint_utils import (LAST_POINTER, TEMP_PREFIX, CheckpointError, Checkp
                               CheckpointManager, atomic_write_bytes, fsync_directory,
                               list_checkpoints, marker_path, read_marker, remove_unfinished_saves,
                               rotate_checkpoints, update_last_pointer)
-from preflight import StorageUnusableError, describe_storage_error, save_checkpoint_or_explain
+from storage_check import StorageUnusableError, describe_storage_error, save_checkpoint_or_explain
 
 log = logging.getLogger("checkpoint")
 

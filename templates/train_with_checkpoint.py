@@ -18,8 +18,8 @@ To adapt it to your project, change the three blocks marked "CHANGE ME": the dat
 model and optimizer, and the loss. Keep the order of everything else. Needs PyTorch,
 checkpoint_utils.py beside this file, and NumPy only for the example's augmentation.
 Extras switch on when their file is beside this one too: nonfinite_guard.py (skip NaN/Inf
-steps, roll back, exit 5), preflight.py with job_context.py (check the checkpoint folder
-before training, exit 7; explain a failed save; the job's context in the log),
+steps, roll back, exit 5), storage_check.py (check the checkpoint folder before training,
+exit 7; explain a failed save), job_context.py (the job's context in the log),
 checkpoint_staging.py (--local-stage-dir) and checkpoint_fast.py (--async-save).
 """
 
@@ -69,12 +69,13 @@ def optional_extra(name: str):
 
 
 nonfinite_guard = optional_extra("nonfinite_guard")
-preflight = optional_extra("preflight")
+storage_check = optional_extra("storage_check")
+job_context = optional_extra("job_context")
 checkpoint_staging = optional_extra("checkpoint_staging")
 checkpoint_fast = optional_extra("checkpoint_fast")
-# With preflight.py, a save that fails on the storage ends the run with exit 7 and one
+# With storage_check.py, a save that fails on the storage ends the run with exit 7 and one
 # clear paragraph; without it, the OSError itself is the message.
-STORAGE_ERRORS = (preflight.StorageUnusableError,) if preflight else ()
+STORAGE_ERRORS = (storage_check.StorageUnusableError,) if storage_check else ()
 
 # Rollbacks go to step and epoch checkpoints only: they exist at the same steps in every
 # run of the job, while preemption and timer checkpoints depend on when it was stopped.
@@ -244,11 +245,12 @@ def make_checkpoint_manager(args, model, optimizer):
     """Check the checkpoint folder (exit 7 when it cannot hold the checkpoints) before any
     training time is spent, then return the manager: saving straight to --ckpt-dir, or
     through --local-stage-dir with a background copy to --ckpt-dir."""
-    if preflight:
-        expected = preflight.estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir)
+    if storage_check:
+        expected = storage_check.estimate_checkpoint_bytes(model, optimizer,
+                                                           ckpt_dir=args.ckpt_dir)
         keep_time = args.keep_time if args.save_every_seconds else 0
-        preflight.check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep,
-                                           keep_time=keep_time)
+        storage_check.check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep,
+                                               keep_time=keep_time)
     if args.async_save:
         if checkpoint_fast is None:
             sys.exit("--async-save needs checkpoint_fast.py beside this script")
@@ -260,21 +262,21 @@ def make_checkpoint_manager(args, model, optimizer):
                                  keep_epochs=args.keep_epochs, max_bytes=args.max_bytes)
     if checkpoint_staging is None:
         sys.exit("--local-stage-dir needs checkpoint_staging.py beside this script")
-    if preflight:
-        preflight.check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
+    if storage_check:
+        storage_check.check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
     return checkpoint_staging.StagedCheckpointManager(
         args.ckpt_dir, args.local_stage_dir, keep=args.keep, keep_time=args.keep_time,
         keep_epochs=args.keep_epochs, max_bytes=args.max_bytes)
 
 
 def storage_errors_explained(manager, *, step: int, epoch: int, kind: str, state=None):
-    """preflight's explanation of a save that fails on the storage (disk full, quota,
-    read-only), when preflight.py is beside this file; else the error as it is."""
-    if preflight is None:
+    """storage_check's explanation of a save that fails on the storage (disk full, quota,
+    read-only), when storage_check.py is beside this file; else the error as it is."""
+    if storage_check is None:
         return contextlib.nullcontext()
-    size = preflight.tensor_bytes(state) if state is not None else None
-    return preflight.storage_errors_explained(manager.directory, step=step, epoch=epoch,
-                                              kind=kind, size=size)
+    size = storage_check.tensor_bytes(state) if state is not None else None
+    return storage_check.storage_errors_explained(manager.directory, step=step, epoch=epoch,
+                                                  kind=kind, size=size)
 
 
 def newest_rollback_checkpoint(directory, before_step: int):
@@ -322,12 +324,12 @@ def main(argv=None) -> int:
     # checkpoint): a preemption signal that arrives then only sets the flag, and the
     # job saves after its first step instead of dying without a requeue.
     with PreemptionHandler() as preemption:
-        if preflight:  # which run of which job: the first lines of its log
-            preflight.log_job_context(args.ckpt_dir)
+        if job_context:  # which run of which job: the first lines of its log
+            job_context.log_job_context(args.ckpt_dir)
         try:
             return train(args, preemption)
         except STORAGE_ERRORS as error:  # the message says what, where and what to do
-            code = preflight.EXIT_STORAGE_UNUSABLE
+            code = storage_check.EXIT_STORAGE_UNUSABLE
             logging.getLogger("train").error("%s Exit code %d.", error, code)
             return code
 

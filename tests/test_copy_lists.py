@@ -16,7 +16,8 @@ import copy_lists
 from conftest import TEMPLATES, outside_slurm
 
 COURSE_MODULES = {path.stem for path in TEMPLATES.glob("*.py")}
-TRAINING_SCRIPTS = sorted(path.stem for path in TEMPLATES.glob("train_*.py"))
+# The scripts a user runs: the training scripts and the preflight check.
+TRAINING_SCRIPTS = sorted(path.stem for path in TEMPLATES.glob("train_*.py")) + ["preflight"]
 NEEDS_TENSORFLOW = {"train_tf", "train_keras_fit", "train_tf_multiworker"}
 
 

@@ -74,10 +74,10 @@ def test_an_extra_switches_on_when_its_file_is_copied(tmp_path):
 
 
 def test_an_extra_that_needs_another_file_says_which(tmp_path):
-    """preflight.py needs job_context.py: copying one without the other is an error that
-    names the missing file, not a silently disabled storage check."""
-    project = project_with(tmp_path / "project", *CORE, "preflight.py")
+    """checkpoint_staging.py needs storage_check.py: copying one without the other is an
+    error that names the missing file, not a silently disabled extra."""
+    project = project_with(tmp_path / "project", *CORE, "checkpoint_staging.py")
     result = subprocess.run(command(project, str(tmp_path / "ckpt")), cwd=project, env=alone(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "No module named 'job_context'" in result.stderr
+    assert "No module named 'storage_check'" in result.stderr

@@ -265,7 +265,7 @@ def test_trap_fires_only_while_the_shell_waits(form, slurm, tmp_path):
 # ------------------------------------------------------------------ preflight
 @pytest.mark.parametrize("sbatch", ["preemptible.sbatch", "preemptible_srun.sbatch"])
 def test_preflight_passes_in_the_templates(sbatch, slurm, tmp_path):
-    project = user_project(tmp_path, *KIT, sbatch)
+    project = user_project(tmp_path, *copy_set("preflight"), sbatch)
     job_id = slurm.submit(project / sbatch, project, "--job-name=preflight",
                           PROGRAM="preflight.py", TRAIN_ARGS="--state-mb 20")
     job = slurm.wait_final(job_id)
@@ -277,7 +277,7 @@ def test_preflight_passes_in_the_templates(sbatch, slurm, tmp_path):
 
 
 def test_preflight_catches_a_foreground_child_and_a_missing_signal(slurm, tmp_path):
-    project = user_project(tmp_path, *KIT)
+    project = user_project(tmp_path, *copy_set("preflight"))
     script = project / "foreground.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --output=%x-%j.out\n"
                       "trap 'kill -USR1 $(pgrep -f preflight.py)' USR1\n"

@@ -23,7 +23,7 @@ from checkpoint_staging import StagedCheckpointManager
 from checkpoint_utils import (CheckpointManager, list_checkpoints, read_last_pointer,
                               read_marker, verify_checkpoint)
 from conftest import TEMPLATES
-from preflight import (EXIT_STORAGE_UNUSABLE, StorageUnusableError, check_checkpoint_storage,
+from storage_check import (EXIT_STORAGE_UNUSABLE, StorageUnusableError, check_checkpoint_storage,
                        estimate_checkpoint_bytes, human_bytes, save_checkpoint_or_explain,
                        tensor_bytes)
 
@@ -71,7 +71,7 @@ START_UP = textwrap.dedent("""
     import logging, sys
     sys.path.insert(0, {templates!r})
     import torch
-    from preflight import (EXIT_STORAGE_UNUSABLE, StorageUnusableError,
+    from storage_check import (EXIT_STORAGE_UNUSABLE, StorageUnusableError,
                            check_checkpoint_storage, estimate_checkpoint_bytes)
 
     def main():

@@ -74,12 +74,12 @@ from distributed_utils import (
     restore_rank_rng_state,
     seed_all,
 )
-from preflight import (
+from job_context import log_job_context
+from storage_check import (
     EXIT_STORAGE_UNUSABLE,
     StorageUnusableError,
     check_checkpoint_storage,
     estimate_checkpoint_bytes,
-    log_job_context,
     storage_errors_explained,
 )
 
