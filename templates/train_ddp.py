@@ -417,7 +417,8 @@ def check_storage_on_rank_0(args, model, optimizer, ctx: DistributedContext) -> 
         try:
             check_checkpoint_storage(
                 args.ckpt_dir, estimate_checkpoint_bytes(model, optimizer, ckpt_dir=args.ckpt_dir),
-                keep=args.keep, keep_time=args.keep_time if args.save_every_seconds else 0)
+                keep=args.keep + (args.keep_epochs or 0),  # the milestones take room too
+                keep_time=args.keep_time if args.save_every_seconds else 0)
         except StorageUnusableError as error:
             problem = [str(error)]
     dist.broadcast_object_list(problem, src=0)

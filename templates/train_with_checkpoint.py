@@ -249,7 +249,8 @@ def make_checkpoint_manager(args, model, optimizer):
         expected = storage_check.estimate_checkpoint_bytes(model, optimizer,
                                                            ckpt_dir=args.ckpt_dir)
         keep_time = args.keep_time if args.save_every_seconds else 0
-        storage_check.check_checkpoint_storage(args.ckpt_dir, expected, keep=args.keep,
+        keep = args.keep + (args.keep_epochs or 0)  # the milestones take room too
+        storage_check.check_checkpoint_storage(args.ckpt_dir, expected, keep=keep,
                                                keep_time=keep_time)
     if args.async_save:
         if checkpoint_fast is None:

@@ -5,38 +5,22 @@
 crashes and kills, and resume to exactly the run you would have had without them.
 
 Copy this one file into your project: it needs PyTorch and the standard library (NumPy's
-RNG is saved too when NumPy is installed). Read it top to bottom, in this order:
+RNG is saved too when NumPy is installed). It reads top to bottom: the training state
+(``capture_training_state``, every RNG, your own ``extra`` state), the data order
+(``ResumableSampler``), atomic checksummed files, verification, rotation, when to save,
+``CheckpointManager``, and preemption (``PreemptionHandler``, ``EmergencyDeadline``,
+``exit_after_preemption``). Optional files plug in: checkpoint_fast.py (faster, and in the
+background), nonfinite_guard.py, storage_check.py, checkpoint_staging.py, job_context.py.
 
-* ``capture_training_state`` / ``restore_training_state``: everything a bitwise-identical
-  resume needs (model, optimizer, scheduler, AMP scaler, step, epoch, position in the
-  epoch, every RNG, your own ``extra`` state) as a plain dict that
-  ``torch.load(path, weights_only=True)`` reads without this file.
-* ``ResumableSampler``: a shuffled data order fixed by (seed, epoch) that can start in the
-  middle of an epoch.
-* ``CheckpointManager``: atomic, checksummed saves, a completion marker written last, a
-  ``last.pt`` pointer, rotation that never deletes what you need, and a resume from the
-  newest checkpoint that passes verification. ``SaveSchedule`` says when to save.
-* ``PreemptionHandler``, ``EmergencyDeadline``, ``exit_after_preemption``: a signal only
-  sets a flag; the loop saves at the next step boundary, then requeues the Slurm job.
+The checkpoint folder: ``step_00000400.pt`` (torch.save of a plain dict), its completion
+marker ``step_00000400.pt.json`` (sha256, size, step, epoch, versions), ``epoch_003.pt``,
+``time_00000457.pt`` and ``preempt_00000461.pt`` alike, and ``last.pt``, a symlink to the
+newest complete one. A checkpoint counts only when its marker exists and its bytes match
+it, so a kill at any moment, even mid-save, leaves at worst debris that is ignored.
 
-Optional, in files of their own: checkpoint_fast.py (faster writes, saves in the
-background), nonfinite_guard.py, checkpoint_staging.py, preflight.py, job_context.py.
-
-Files in the checkpoint folder::
-
-    step_00000400.pt        the checkpoint: a dict saved with torch.save
-    step_00000400.pt.json   its completion marker: sha256, size, step, epoch, versions
-    epoch_003.pt(.json)     saved at the end of an epoch; time_00000457.pt by the timer
-    last.pt -> step_00000400.pt   symlink to the newest complete checkpoint
-
-A checkpoint counts only when its marker exists and its bytes match the marker's sha256,
-so a kill at any moment, even in the middle of a save, leaves at worst debris that is
-ignored and cleaned up on the next start.
-
-Exit codes (say them in your batch script): 0 finished (EXIT_FINISHED); 3 preempted,
-saved and requeued (EXIT_REQUEUED); 4 the emergency save did not finish in time
-(EXIT_SAVE_TIMEOUT); 75 preempted and saved, NOT requeued: resubmit (EXIT_PREEMPTED,
-EX_TEMPFAIL "try again later").
+Exit codes (say them in your batch script): 0 finished; 3 preempted, saved and requeued;
+4 the emergency save did not finish in time; 75 preempted and saved, not requeued:
+resubmit (EX_TEMPFAIL, "try again later").
 """
 
 from __future__ import annotations
@@ -71,25 +55,6 @@ except ImportError:  # pragma: no cover - exercised only where NumPy is absent
 
 log = logging.getLogger("checkpoint")
 
-
-class _StderrUntilConfigured(logging.StreamHandler):
-    """Prints the kit's lines while the program has configured no logging of its own."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger().handlers:
-            super().emit(record)
-
-
-def log_to_stderr_unless_configured() -> None:
-    """The kit's lines are the job's record of what was saved, skipped and resumed. In a
-    program that configures no logging, Python would show its warnings only: print every
-    line to stderr instead, until the program configures logging itself."""
-    if not log.handlers:
-        handler = _StderrUntilConfigured()
-        handler.setFormatter(logging.Formatter("[checkpoint] %(message)s"))
-        log.addHandler(handler)
-        if log.level == logging.NOTSET and not logging.getLogger().handlers:
-            log.setLevel(logging.INFO)
 
 FORMAT_VERSION = 1
 CHECKPOINT_SUFFIX = ".pt"
@@ -184,16 +149,10 @@ class ResumableSampler(torch.utils.data.Sampler):
     """A shuffled order of dataset indices that depends only on (seed, epoch), can start
     in the middle of an epoch, and splits each epoch between ranks.
 
-    The order does not come from the global RNG, so restoring the RNG and restoring the
-    data position stay independent. Call ``set_epoch(epoch, start_batch)`` before each
-    epoch; after a resume, ``start_batch`` is the number of batches of that epoch this
-    rank already trained on. Rank r takes every num_replicas-th index from r, like
-    DistributedSampler. Example::
-
-        sampler = ResumableSampler(len(dataset), batch_size=64, seed=0)
-        loader = DataLoader(dataset, batch_size=64, sampler=sampler)
-        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-    """
+    The order does not come from the global RNG, so restoring the RNG and the data
+    position stay independent. Call ``set_epoch(epoch, start_batch)`` before each epoch;
+    ``start_batch`` is the number of batches of it this rank already trained on. Rank r
+    takes every num_replicas-th index from r, like DistributedSampler."""
 
     def __init__(self, dataset_size: int, *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
@@ -276,15 +235,11 @@ def capture_training_state(*, model: torch.nn.Module, progress: TrainingProgress
                            extra: dict | None = None) -> dict:
     """Build the checkpoint dict of everything a bitwise-identical resume needs.
 
-    The keys are the ones people already use (``epoch``, ``step``, ``model``,
-    ``optimizer``, ``scheduler``, ``scaler``) plus ``rng``, ``sampler``, ``metrics``,
-    ``batch_in_epoch`` and ``extra``: your own state (a hidden state carried between
-    batches, the best validation loss so far), which comes back as ``checkpoint["extra"]``.
-    Pass the unwrapped model (``model.module`` under DDP). Example::
-
-        state = capture_training_state(model=model, optimizer=optimizer,
-                                       progress=progress, extra={"best_loss": best})
-        manager.save(state, step=progress.step, epoch=progress.epoch)
+    The keys are the usual ones (``epoch``, ``step``, ``model``, ``optimizer``,
+    ``scheduler``, ``scaler``) plus ``rng``, ``sampler``, ``metrics``, ``batch_in_epoch``
+    and ``extra``: your own state (a hidden state carried between batches, the best loss
+    so far), back as ``checkpoint["extra"]``. Pass the unwrapped model (``model.module``
+    under DDP). Example: ``capture_training_state(model=m, optimizer=o, progress=p)``.
     """
     check_plain_data(extra, "extra")
     return {
@@ -513,13 +468,10 @@ _UNSAFE_CONTENT = re.compile(r"\bGLOBAL [\w.]+|Can only (create new object|build
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
-
-    A file that needs a full unpickle (which can run arbitrary code) is refused with
-    ``UnsafeCheckpointError``; nothing in it is executed. (Not ``mmap=True``, although
-    it would skip a copy: the optimizer would keep tensors mapped from the file, and
-    once rotation deletes the file its disk space would stay taken until the job ends.)
-    """
+    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``: a file that needs
+    a full unpickle (which can run arbitrary code) is refused with ``UnsafeCheckpointError``
+    and nothing in it runs. (Not ``mmap=True``: the optimizer would keep tensors mapped
+    from a file that rotation deletes, and its disk space would stay taken.)"""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -614,14 +566,7 @@ def remove_unfinished_saves(directory: Path) -> list[Path]:
 class SaveSchedule:
     """Decides when to save: every ``every_steps`` steps, at the end of every
     ``every_epochs`` epochs, or when ``every_seconds`` have passed since the last save,
-    whichever comes first. Any of them may be None (off).
-
-    Example::
-
-        schedule = SaveSchedule(every_steps=500, every_seconds=15 * 60)
-        kind = schedule.due(step=progress.step, epoch=progress.epoch, epoch_finished=False)
-        if kind: manager.save(state, step=..., epoch=..., kind=kind)
-    """
+    whichever comes first; None turns one off. ``due(...)`` gives the kind to save now."""
 
     def __init__(self, *, every_steps: int | None = None, every_epochs: int | None = None,
                  every_seconds: float | None = None,
@@ -647,6 +592,26 @@ class SaveSchedule:
 
 
 # --------------------------------------------------------------------------- the manager
+class _StderrUntilConfigured(logging.StreamHandler):
+    """Prints the kit's lines while the program has configured no logging of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def log_to_stderr_unless_configured() -> None:
+    """The kit's lines are the job's record of what was saved, skipped and resumed. In a
+    program that configures no logging, Python would show its warnings only: print every
+    line to stderr instead, until the program configures logging itself."""
+    if not log.handlers:
+        handler = _StderrUntilConfigured()
+        handler.setFormatter(logging.Formatter("[checkpoint] %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET and not logging.getLogger().handlers:
+            log.setLevel(logging.INFO)
+
+
 def library_versions() -> dict:
     versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
     if np is not None:
@@ -655,16 +620,12 @@ def library_versions() -> dict:
 
 
 class CheckpointManager:
-    """Saves, rotates and finds checkpoints in one folder.
+    """Saves, rotates and finds checkpoints in one folder; only one process may save into
+    it (rank 0 under DDP). Example::
 
-    Example::
-
-        manager = CheckpointManager("checkpoints", keep=3, keep_time=2)
+        manager = CheckpointManager("checkpoints", keep=3)
         checkpoint = manager.load_latest()          # None on the first run
-        ...
         manager.save(state, step=progress.step, epoch=progress.epoch, kind="step")
-
-    Only one process may save into a folder (rank 0 under DDP).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_time: int = 2,
@@ -687,11 +648,8 @@ class CheckpointManager:
 
     def save(self, state: dict, *, step: int, epoch: int, kind: str = "step") -> CheckpointInfo:
         """Save ``state`` durably, write its completion marker, move ``last.pt``, rotate.
-
-        A save at a step that already has a checkpoint from this process is skipped (a
-        preemption signal right after a periodic save costs nothing), except an epoch
-        checkpoint, which is a milestone of its own.
-        """
+        A second save at the same step is skipped (a preemption signal right after a
+        periodic save costs nothing), except an epoch checkpoint, a milestone of its own."""
         if self._already_saved(step, kind):
             return self.last_saved
         return self._write(state, step=step, epoch=epoch, kind=kind, saved_at=time.time())
@@ -744,14 +702,10 @@ class CheckpointManager:
                 "versions": library_versions(), "host": platform.node()}
 
     def load_latest(self, *, quarantine: bool = True) -> dict | None:
-        """Load the newest valid checkpoint on the CPU, or return None (with a log line)
-        when the folder has none.
-
-        Corrupt and unsafe checkpoints are skipped with a log line that says why, moved
-        to ``corrupt/`` (kept for inspection, out of the way of rotation and of
-        ``last.pt``), and ``last.pt`` is pointed at the checkpoint actually resumed from.
-        Pass ``quarantine=False`` on every process but the one that saves.
-        """
+        """Load the newest valid checkpoint on the CPU, or return None (with a log line).
+        Corrupt and unsafe checkpoints are skipped with a log line that says why and moved
+        to ``corrupt/`` for inspection; ``last.pt`` then names the one resumed from. Pass
+        ``quarantine=False`` on every process but the one that saves."""
         raise NotImplementedError('Task 3: Resume from the newest valid checkpoint (see README.md)')
 
 
