@@ -56,7 +56,6 @@ from checkpoint_utils import (
 )
 
 
-
 def optional_extra(name: str):
     """The kit's module ``name`` when its file is beside this one, else None: the template
     runs with checkpoint_utils.py alone, and each extra switches on when it is copied."""
