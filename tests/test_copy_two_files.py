@@ -81,3 +81,15 @@ def test_an_extra_that_needs_another_file_says_which(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "No module named 'storage_check'" in result.stderr
+
+
+@pytest.mark.parametrize("flag, extra", [("--async-save", "checkpoint_fast.py"),
+                                         ("--local-stage-dir", "checkpoint_staging.py")])
+def test_a_flag_whose_extra_is_missing_says_which_file(flag, extra, tmp_path):
+    project = project_with(tmp_path / "project", *CORE)
+    args = [flag] + ([str(tmp_path / "stage")] if flag == "--local-stage-dir" else [])
+    result = subprocess.run(command(project, str(tmp_path / "ckpt"), *args), cwd=project,
+                            env=alone(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"{flag} needs {extra} beside this script" in result.stderr
+    assert "Traceback" not in result.stderr
