@@ -17,7 +17,7 @@ from conftest import TEMPLATES, outside_slurm
 
 COURSE_MODULES = {path.stem for path in TEMPLATES.glob("*.py")}
 # The scripts a user runs: the training scripts and the preflight check.
-TRAINING_SCRIPTS = sorted(path.stem for path in TEMPLATES.glob("train_*.py")) + ["preflight"]
+SCRIPTS_A_USER_RUNS = sorted(path.stem for path in TEMPLATES.glob("train_*.py")) + ["preflight"]
 NEEDS_TENSORFLOW = {"train_tf", "train_keras_fit", "train_tf_multiworker"}
 
 
@@ -53,11 +53,11 @@ def actual_copy_list(script: str) -> tuple[set[str], set[str]]:
     return {f"{m}.py" for m in needs}, {f"{m}.py" for m in extras}
 
 
-def test_every_training_script_is_declared():
-    assert set(copy_lists.copy_lists()) == set(TRAINING_SCRIPTS)
+def test_every_script_a_user_runs_is_declared():
+    assert set(copy_lists.copy_lists()) == set(SCRIPTS_A_USER_RUNS)
 
 
-@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS_A_USER_RUNS)
 def test_declared_lists_match_what_the_script_imports(script):
     declared = copy_lists.copy_lists()[script]
     needs, extras = actual_copy_list(script)
@@ -72,7 +72,7 @@ def test_readme_table_is_written_from_the_declared_lists():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS_A_USER_RUNS)
 def test_script_starts_beside_its_needs_alone(script, tmp_path):
     if script in NEEDS_TENSORFLOW:
         pytest.importorskip("tensorflow")
