@@ -36,6 +36,7 @@ import errno
 import faulthandler
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import mmap
@@ -334,13 +335,13 @@ class ForgetResumedEpoch(keras.callbacks.Callback):
 # ----- Change it there, not here.
 TEMP_PREFIX = ".tmp-"
 EXIT_FINISHED = 0
-EXIT_REQUEUED = 3
-EXIT_SAVE_TIMEOUT = 4
-EXIT_PREEMPTED = 75
+EXIT_REQUEUED = 3  # preempted, saved and requeued
+EXIT_SAVE_TIMEOUT = 4  # the emergency save did not finish in time
+EXIT_PREEMPTED = 75  # preempted and saved, not requeued: resubmit (EX_TEMPFAIL)
 
 
 class CheckpointError(Exception):
-    """Base class of every error this module raises on purpose."""
+    """Every error this module raises on purpose."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -351,46 +352,29 @@ class InvalidJobIdError(CheckpointError, ValueError):
     """A Slurm job id is not of the form 123 or 123_4 and will not be passed on."""
 
 
-class HashingFile:
-    """A file opened for writing that hashes the bytes on their way to disk, so the
-    checksum costs no second read of the file. (checkpoint_fast.StreamingHashWriter does
-    the same with threads and O_DIRECT, for large checkpoints on fast disks.)"""
+class HashingFile(io.BufferedWriter):
+    """A file for writing that hashes the bytes on their way to disk: the checksum costs
+    no second read. (checkpoint_fast.StreamingHashWriter: the same, faster.)"""
 
     def __init__(self, path: Path):
-        self.file = open(path, "wb")
+        super().__init__(io.FileIO(path, "wb"))
         self.sha256, self.size = hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def fileno(self) -> int:
-        return self.file.fileno()
-
-    def __enter__(self) -> "HashingFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
+        return super().write(data)
 
 
 def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable. Some network file systems refuse
-    fsync on a directory; there the rename is as durable as the file system makes it."""
-    try:
+    """Make a rename or unlink in ``directory`` durable (where the file system allows:
+    some network file systems refuse fsync on a directory)."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _temp_path(final: Path) -> Path:
@@ -399,13 +383,10 @@ def _temp_path(final: Path) -> Path:
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
                        writer_class: Callable[[Path], Any] = HashingFile) -> tuple[str, int]:
-    """Write a file so that ``path`` holds either its old content or the complete new one,
-    never a part: write to a temp file in the same folder, flush, fsync, rename over
-    ``path``, fsync the folder. Returns the sha256 (hex) and size of the bytes written.
-    Example: ``atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))``.
-    """
-    path = Path(path)
-    tmp = _temp_path(path)
+    """Write so that ``path`` holds its old content or all the new, never a part: a temp
+    file in the same folder, fsync, rename over ``path``, fsync the folder. Returns the
+    sha256 and size written. ``atomic_write_bytes(p, lambda f: torch.save(obj, f))``."""
+    path, tmp = Path(path), _temp_path(Path(path))
     try:
         with writer_class(tmp) as writer:
             write(writer)
@@ -421,7 +402,6 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write a small JSON file atomically (see ``atomic_write_bytes``)."""
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     atomic_write_bytes(path, lambda f: f.write(data))
 
@@ -430,23 +410,11 @@ DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class PreemptionHandler:
-    """Turns preemption signals into a flag that the training loop checks at the end of
-    each step.
-
-    The handler does nothing but set the flag. Saving inside a signal handler is the
-    classic mistake: the signal can land in the middle of an optimizer step (the state is
-    half updated) or in the middle of a save or a print (Python then fails with a
-    reentrant-call error). Use it as a context manager to put the previous handlers back.
-
-    Example::
-
-        with PreemptionHandler() as preemption:
-            for batch in loader:
-                train_step(batch)
-                if preemption.requested:
-                    manager.save(state, ...)
-                    exit_after_preemption(preemption)
-    """
+    """Turns preemption signals into a flag that the loop checks after each step (saving in
+    the handler is the classic mistake: the signal can land mid optimizer step, or mid save
+    or print, a reentrant-call error). ``with PreemptionHandler() as preemption:`` puts the
+    previous handlers back at the end; after each step, ``if preemption.requested:`` save
+    with ``kind="preempt"`` and call ``exit_after_preemption(preemption)``."""
 
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
         self.signals = tuple(signals)
@@ -465,8 +433,10 @@ class PreemptionHandler:
         self.received.append(signum)
 
     def install(self) -> "PreemptionHandler":
+        """Install the handler; again after a library took a signal over unseen by Python
+        (TensorFlow's multi-worker runtime does, for SIGTERM)."""
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, signal.signal(sig, self._handle))
         return self
 
     def uninstall(self) -> None:
@@ -474,14 +444,7 @@ class PreemptionHandler:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def reinstall(self) -> None:
-        """Put the handler back over one that a library installed since, unseen by
-        Python: TensorFlow's multi-worker runtime installs its own SIGTERM handler."""
-        for sig in self.signals:
-            signal.signal(sig, self._handle)
-
     def ignore_further_signals(self) -> None:
-        """Ignore this handler's signals for the rest of the process (used on the way out)."""
         for sig in self.signals:
             signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
@@ -493,19 +456,13 @@ class PreemptionHandler:
 
 
 class EmergencyDeadline:
-    """Ends the process if the block takes longer than ``seconds``: an emergency save
-    that hangs (a stuck file system) must not eat the time Slurm leaves before SIGKILL.
-
-    A Python timer thread prints a clear message and exits with ``EXIT_SAVE_TIMEOUT``.
-    If the interpreter itself is stuck (a C call holding the GIL), faulthandler's C-level
-    watchdog dumps the stack and exits a few seconds later. The previous complete
-    checkpoint stays valid either way: the unfinished one has no completion marker.
-    Example: ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``.
-    """
+    """Exit ``EXIT_SAVE_TIMEOUT`` if the block outlasts ``seconds``: a hung emergency save
+    must not eat the time Slurm leaves before SIGKILL. If the interpreter itself is stuck
+    (a C call holding the GIL), faulthandler's C watchdog exits a few seconds later.
+    ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``"""
 
     def __init__(self, seconds: float, backstop_seconds: float = 5.0):
-        self.seconds = seconds
-        self.backstop_seconds = backstop_seconds
+        self.seconds, self.backstop_seconds = seconds, backstop_seconds
         self._timer: threading.Timer | None = None
 
     def _expire(self) -> None:
@@ -532,15 +489,11 @@ _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 
 
 def slurm_job_id(environ: dict | None = None) -> str | None:
-    """The id to requeue this job by: ``ARRAYJOB_TASK`` for a job array task (so only this
-    task is requeued), else ``SLURM_JOB_ID``; None outside Slurm. Raises
-    ``InvalidJobIdError`` for anything that is not digits (never passed to a command)."""
+    """``ARRAYJOB_TASK`` in a job array (only this task is requeued), else
+    ``SLURM_JOB_ID``; None outside Slurm. ``InvalidJobIdError`` unless digits."""
     env = os.environ if environ is None else environ
     array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        job_id = f"{array_job}_{array_task}"
-    else:
-        job_id = env.get("SLURM_JOB_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else env.get("SLURM_JOB_ID")
     if job_id is None:
         return None
     if not _JOB_ID.fullmatch(job_id):  # fullmatch: "$" would accept a trailing newline
@@ -551,13 +504,9 @@ def slurm_job_id(environ: dict | None = None) -> str | None:
 
 def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
                       timeout: float = 30.0) -> bool:
-    """Ask Slurm to requeue this job with ``scontrol requeue <id>``. Returns True when
-    Slurm accepted; False, with a log line that says why, when not in a Slurm job, when
-    ``scontrol`` is not on PATH (inside a container, say) or when Slurm refused.
-
-    The command is run with an argument list, never through a shell, and the id is
-    validated first.
-    """
+    """``scontrol requeue <id>`` (an argument list, never a shell). True when Slurm
+    accepted; False, with a log line saying why, outside Slurm, without ``scontrol`` on
+    PATH (in a container, say) or when Slurm refused."""
     job_id = slurm_job_id(environ)
     if job_id is None:
         log.warning("not running under Slurm (no SLURM_JOB_ID): not requeueing")
@@ -571,25 +520,23 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
     try:
         result = subprocess.run([executable, "requeue", job_id], capture_output=True,
                                 text=True, timeout=timeout, check=False)
+        problem = result.returncode and (f"exit {result.returncode}: "
+                                         f"{(result.stderr or result.stdout).strip()}")
     except subprocess.TimeoutExpired:
-        log.warning("scontrol requeue %s did not answer within %g s", job_id, timeout)
-        return False
-    if result.returncode != 0:
-        log.warning("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode,
-                    (result.stderr or result.stdout).strip())
+        problem = f"no answer within {timeout:g} s"
+    if problem:
+        log.warning("scontrol requeue %s failed (%s)", job_id, problem)
         return False
     log.info("requeued Slurm job %s", job_id)
     return True
 
 
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
-    """Exit after the emergency checkpoint was saved: requeue the Slurm job and exit with
-    ``EXIT_REQUEUED``, or exit with ``EXIT_PREEMPTED`` when requeueing is off or failed.
-    """
+    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, or exit
+    ``EXIT_PREEMPTED`` when requeueing is off or failed."""
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
-    # A requeue makes Slurm send SIGTERM to every process of the job at once, and the batch
-    # shell may forward more. We are leaving: a late signal must not turn a clean exit into
-    # a kill (exit code 143), so ignore them from now on, also after the handler's `with`.
+    # A requeue makes Slurm SIGTERM every process of the job, the batch shell may forward
+    # more: ignore them, so that no late signal turns this clean exit into a kill (143).
     handler.ignore_further_signals()
     if requeue:
         try:

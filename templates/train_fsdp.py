@@ -110,8 +110,8 @@ def make_dataset(seed: int) -> TensorDataset:
 
 
 def augment(inputs: torch.Tensor, noise: float = 0.05) -> torch.Tensor:
-    """Input jitter from Python's and NumPy's global RNGs, which differ per rank: a
-    resume must give each rank its own RNG state back."""
+    """Input jitter. It draws from Python's and NumPy's global RNGs on purpose, as many
+    augmentation libraries do: a resume that does not restore them is not the same run."""
     scale = random.uniform(0.0, noise)
     jitter = np.random.normal(0.0, 1.0, size=tuple(inputs.shape)).astype(np.float32)
     return inputs + scale * torch.from_numpy(jitter).to(inputs.device)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         if worker == 0:
             log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-        preemption.reinstall()  # the strategy's runtime took SIGTERM over
+        preemption.install()  # again: the strategy's runtime took SIGTERM over
         return train(args, strategy, worker, preemption)
 
 

@@ -24,6 +24,25 @@ def test_the_shared_block_is_the_source_text():
         assert source[start:start + 400] in block
 
 
+def top_level_sources(path) -> dict[str, str]:
+    text = path.read_text()
+    return {node.name: ast.get_source_segment(text, node) for node in ast.parse(text).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+# The CHANGE ME blocks that train_fsdp.py (which stands alone) shares with the
+# single-process template: the same data and loss, so the two train the same problem.
+FSDP_COPIES = ["make_dataset", "augment", "compute_loss"]
+
+
+@pytest.mark.parametrize("name", FSDP_COPIES)
+def test_fsdp_change_me_blocks_are_the_single_process_ones(name):
+    single = top_level_sources(TEMPLATES / "train_with_checkpoint.py")
+    fsdp = top_level_sources(TEMPLATES / "train_fsdp.py")
+    assert fsdp[name] == single[name], (
+        f"train_fsdp.py's {name} differs from train_with_checkpoint.py's: change both")
+
+
 def imported_top_level_modules(path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):

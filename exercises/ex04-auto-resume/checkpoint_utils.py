@@ -4,23 +4,15 @@
 """Checkpointing for long PyTorch jobs on Slurm: survive wall-time limits, preemption,
 crashes and kills, and resume to exactly the run you would have had without them.
 
-Copy this one file into your project: it needs PyTorch and the standard library (NumPy's
-RNG is saved too when NumPy is installed). It reads top to bottom: the training state
-(``capture_training_state``, every RNG, your own ``extra`` state), the data order
-(``ResumableSampler``), atomic checksummed files, verification, rotation, when to save,
-``CheckpointManager``, and preemption (``PreemptionHandler``, ``EmergencyDeadline``,
-``exit_after_preemption``). Optional files plug in: checkpoint_fast.py (faster, and in the
-background), nonfinite_guard.py, storage_check.py, checkpoint_staging.py, job_context.py.
+Needs PyTorch and the standard library (NumPy's RNG is saved too when it is installed).
+Reads top to bottom: training state and RNGs, data order, atomic checksummed files,
+verification, rotation, when to save, ``CheckpointManager``, preemption. Optional files
+plug in: checkpoint_fast, nonfinite_guard, storage_check, checkpoint_staging, job_context.
 
-The checkpoint folder: ``step_00000400.pt`` (torch.save of a plain dict), its completion
-marker ``step_00000400.pt.json`` (sha256, size, step, epoch, versions), ``epoch_003.pt``,
-``time_00000457.pt`` and ``preempt_00000461.pt`` alike, and ``last.pt``, a symlink to the
-newest complete one. A checkpoint counts only when its marker exists and its bytes match
-it, so a kill at any moment, even mid-save, leaves at worst debris that is ignored.
-
-Exit codes (say them in your batch script): 0 finished; 3 preempted, saved and requeued;
-4 the emergency save did not finish in time; 75 preempted and saved, not requeued:
-resubmit (EX_TEMPFAIL, "try again later").
+A checkpoint is ``step_00000400.pt`` (``epoch_003.pt``, ``time_*``, ``preempt_*`` alike)
+plus its completion marker ``step_00000400.pt.json`` (sha256, size, step, ...), written
+last; ``last.pt`` links to the newest. A file counts only when its marker exists and its
+bytes match it, so a kill at any moment, even mid-save, leaves only debris that is ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +22,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import hashlib
+import io
 import json
 import logging
 import math
@@ -50,11 +43,10 @@ import torch
 
 try:  # NumPy is optional: its global RNG is captured when it is installed.
     import numpy as np
-except ImportError:  # pragma: no cover - exercised only where NumPy is absent
+except ImportError:  # pragma: no cover
     np = None
 
 log = logging.getLogger("checkpoint")
-
 
 FORMAT_VERSION = 1
 CHECKPOINT_SUFFIX = ".pt"
@@ -63,26 +55,18 @@ LAST_POINTER = "last.pt"
 TEMP_PREFIX = ".tmp-"
 
 EXIT_FINISHED = 0
-EXIT_REQUEUED = 3
-EXIT_SAVE_TIMEOUT = 4
-EXIT_PREEMPTED = 75
+EXIT_REQUEUED = 3  # preempted, saved and requeued
+EXIT_SAVE_TIMEOUT = 4  # the emergency save did not finish in time
+EXIT_PREEMPTED = 75  # preempted and saved, not requeued: resubmit (EX_TEMPFAIL)
 
-# Checkpoint kinds, their file-name patterns and rotation groups. Time-based checkpoints
-# rotate separately (``keep_time``) so that frequent timer saves cannot push out the
-# step/epoch checkpoints you rely on.
-KIND_NAME_FORMAT = {
-    "step": "step_{step:08d}",
-    "epoch": "epoch_{epoch:03d}",
-    "time": "time_{step:08d}",
-    "preempt": "preempt_{step:08d}",
-}
-TIME_KINDS = {"time"}
+KIND_NAME_FORMAT = {"step": "step_{step:08d}", "epoch": "epoch_{epoch:03d}",
+                    "time": "time_{step:08d}", "preempt": "preempt_{step:08d}"}
+TIME_KINDS = {"time"}  # rotated apart (keep_time): frequent timer saves push out no other
 _NAME_PATTERN = re.compile(r"^(step|epoch|time|preempt)_\d+\.pt$")
 
 
-# --------------------------------------------------------------------------- errors
 class CheckpointError(Exception):
-    """Base class of every error this module raises on purpose."""
+    """Every error this module raises on purpose."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -99,28 +83,20 @@ class InvalidJobIdError(CheckpointError, ValueError):
 
 # --------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
-    """The state of every random number generator a training run draws from: Python's
-    ``random``, NumPy's global generator, torch on the CPU and on every CUDA device, as
-    tensors and plain containers (``weights_only=True`` reads them)."""
+    """Every RNG a run draws from (Python, NumPy, torch CPU and CUDA) as tensors and plain
+    containers, which ``weights_only=True`` reads back."""
     version, internal, gauss_next = random.getstate()
     state = {
-        "python": {
-            "version": version,
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     if np is not None:
         algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-        state["numpy"] = {
-            "algorithm": algorithm,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        }
+        state["numpy"] = {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)),
+                          "pos": int(pos), "has_gauss": int(has_gauss),
+                          "cached_gaussian": float(cached_gaussian)}
     return state
 
 
@@ -146,28 +122,18 @@ def restore_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- data order
 class ResumableSampler(torch.utils.data.Sampler):
-    """A shuffled order of dataset indices that depends only on (seed, epoch), can start
-    in the middle of an epoch, and splits each epoch between ranks.
-
-    The order does not come from the global RNG, so restoring the RNG and the data
-    position stay independent. Call ``set_epoch(epoch, start_batch)`` before each epoch;
-    ``start_batch`` is the number of batches of it this rank already trained on. Rank r
-    takes every num_replicas-th index from r, like DistributedSampler."""
+    """A shuffled order of indices that depends only on (seed, epoch) and can start
+    mid-epoch: ``set_epoch(epoch, start_batch)`` before each epoch, ``start_batch`` batches
+    of it being done. Rank r takes every num_replicas-th index from r."""
 
     def __init__(self, dataset_size: int, *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
-        self.dataset_size = dataset_size
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.epoch = 0
-        self.start_batch = 0
+        self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
+        self.shuffle, self.rank, self.num_replicas = shuffle, rank, num_replicas
+        self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self.epoch, self.start_batch = epoch, start_batch
 
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's full order of indices for one epoch."""
@@ -191,41 +157,34 @@ class ResumableSampler(torch.utils.data.Sampler):
         return share // self.batch_size if drop_last else math.ceil(share / self.batch_size)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "dataset_size": self.dataset_size,
-                "batch_size": self.batch_size, "shuffle": self.shuffle,
-                "num_replicas": self.num_replicas}
+        return {"seed": self.seed, "dataset_size": self.dataset_size, "shuffle": self.shuffle,
+                "batch_size": self.batch_size, "num_replicas": self.num_replicas}
 
     def check_compatible(self, saved: dict) -> None:
         """Warn when the data order of a resumed run cannot match the saved one."""
         mine = self.state_dict()
         changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
-            log.warning("data order differs from the checkpoint's (saved, now): %s; the "
-                        "resumed run will not see the batches of the original run", changed)
+            log.warning("data order differs from the checkpoint's (saved, now): %s; the resumed"
+                        " run will not see the batches of the original run", changed)
 
 
 # --------------------------------------------------------------------------- training state
 @dataclasses.dataclass
 class TrainingProgress:
-    """Where training stands: ``step`` counts optimizer steps over the whole run (across
-    restarts), ``epoch`` counts finished epochs, ``batch_in_epoch`` counts the batches of
-    the current epoch already trained on. Never derive one from another: a resume in the
-    middle of an epoch needs all three."""
-
+    """``step``: optimizer steps over the whole run; ``epoch``: finished epochs;
+    ``batch_in_epoch``: batches of this epoch done. A mid-epoch resume needs all three."""
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     metrics: dict = dataclasses.field(default_factory=dict)
 
     def finish_step(self, steps_per_epoch: int) -> bool:
-        """Count one completed optimizer step; return True when it completed an epoch
-        (the epoch then advances and the position in it starts again at 0)."""
-        self.step += 1
-        self.batch_in_epoch += 1
+        """Count one optimizer step; return True when it completed an epoch."""
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
         if self.batch_in_epoch < steps_per_epoch:
             return False
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         return True
 
 
@@ -233,19 +192,12 @@ def capture_training_state(*, model: torch.nn.Module, progress: TrainingProgress
                            optimizer: torch.optim.Optimizer | None = None, scheduler=None,
                            scaler=None, sampler: ResumableSampler | None = None,
                            extra: dict | None = None) -> dict:
-    """Build the checkpoint dict of everything a bitwise-identical resume needs.
-
-    The keys are the usual ones (``epoch``, ``step``, ``model``, ``optimizer``,
-    ``scheduler``, ``scaler``) plus ``rng``, ``sampler``, ``metrics``, ``batch_in_epoch``
-    and ``extra``: your own state (a hidden state carried between batches, the best loss
-    so far), back as ``checkpoint["extra"]``. Pass the unwrapped model (``model.module``
-    under DDP). Example: ``capture_training_state(model=m, optimizer=o, progress=p)``.
-    """
+    """Everything a bitwise-identical resume needs, as a dict; ``extra`` is your own state
+    (a hidden state, the best loss so far). Pass the unwrapped model (``model.module``
+    under DDP). ``capture_training_state(model=m, optimizer=o, progress=p)``."""
     check_plain_data(extra, "extra")
     return {
-        "epoch": progress.epoch,
-        "step": progress.step,
-        "batch_in_epoch": progress.batch_in_epoch,
+        "epoch": progress.epoch, "step": progress.step, "batch_in_epoch": progress.batch_in_epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -262,9 +214,8 @@ def restore_training_state(checkpoint: dict, *, model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer | None = None, scheduler=None,
                            scaler=None,
                            sampler: ResumableSampler | None = None) -> TrainingProgress:
-    """Load a checkpoint dict into the training objects and return the progress. Your
-    ``extra`` state is ``checkpoint["extra"]``. The RNG is restored last, so that nothing
-    done while loading draws a random number after the restore."""
+    """Load a checkpoint into the training objects; return the progress. Your own state
+    is ``checkpoint["extra"]``. The RNG goes last: nothing after it may draw."""
     model.load_state_dict(checkpoint["model"])
     if scaler is not None and not scaler.is_enabled():
         scaler = None
@@ -283,16 +234,14 @@ def restore_training_state(checkpoint: dict, *, model: torch.nn.Module,
                             metrics=dict(checkpoint.get("metrics") or {}))
 
 
-# What torch.load(weights_only=True) reads back besides containers: anything else in a
-# checkpoint would make the resume refuse the file as unsafe.
+# What torch.load(weights_only=True) reads back besides containers.
 PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.dtype,
                torch.device, torch.Size)
 
 
 def check_plain_data(value: Any, where: str) -> None:
-    """Raise TypeError, naming the culprit, when ``value`` holds anything but tensors,
-    numbers, strings and plain dicts, lists and tuples. Checked at the save, because at the
-    resume such a checkpoint could only be skipped."""
+    """TypeError naming the culprit when ``value`` holds anything else: found at the save,
+    since at the resume such a checkpoint could only be skipped."""
     if type(value) in (dict, collections.OrderedDict):
         for key, item in value.items():
             check_plain_data(item, f"{where}[{key!r}]")
@@ -301,52 +250,34 @@ def check_plain_data(value: Any, where: str) -> None:
             check_plain_data(item, f"{where}[{index}]")
     elif not isinstance(value, PLAIN_TYPES):
         raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: "
-                        "a checkpoint holds tensors, numbers, strings and plain dicts, "
-                        "lists and tuples only (torch.load(weights_only=True) refuses the "
-                        "rest); convert it (a NumPy array: torch.from_numpy(array))")
+                        "a checkpoint holds tensors, numbers, strings and plain dicts, lists "
+                        "and tuples only; convert it (a NumPy array: torch.from_numpy(a))")
 
 
 # --------------------------------------------------------------------------- atomic writes
-class HashingFile:
-    """A file opened for writing that hashes the bytes on their way to disk, so the
-    checksum costs no second read of the file. (checkpoint_fast.StreamingHashWriter does
-    the same with threads and O_DIRECT, for large checkpoints on fast disks.)"""
+class HashingFile(io.BufferedWriter):
+    """A file for writing that hashes the bytes on their way to disk: the checksum costs
+    no second read. (checkpoint_fast.StreamingHashWriter: the same, faster.)"""
 
     def __init__(self, path: Path):
-        self.file = open(path, "wb")
+        super().__init__(io.FileIO(path, "wb"))
         self.sha256, self.size = hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def fileno(self) -> int:
-        return self.file.fileno()
-
-    def __enter__(self) -> "HashingFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
+        return super().write(data)
 
 
 def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable. Some network file systems refuse
-    fsync on a directory; there the rename is as durable as the file system makes it."""
-    try:
+    """Make a rename or unlink in ``directory`` durable (where the file system allows:
+    some network file systems refuse fsync on a directory)."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _temp_path(final: Path) -> Path:
@@ -355,13 +286,10 @@ def _temp_path(final: Path) -> Path:
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
                        writer_class: Callable[[Path], Any] = HashingFile) -> tuple[str, int]:
-    """Write a file so that ``path`` holds either its old content or the complete new one,
-    never a part: write to a temp file in the same folder, flush, fsync, rename over
-    ``path``, fsync the folder. Returns the sha256 (hex) and size of the bytes written.
-    Example: ``atomic_write_bytes(Path("a.pt"), lambda f: torch.save(obj, f))``.
-    """
-    path = Path(path)
-    tmp = _temp_path(path)
+    """Write so that ``path`` holds its old content or all the new, never a part: a temp
+    file in the same folder, fsync, rename over ``path``, fsync the folder. Returns the
+    sha256 and size written. ``atomic_write_bytes(p, lambda f: torch.save(obj, f))``."""
+    path, tmp = Path(path), _temp_path(Path(path))
     try:
         with writer_class(tmp) as writer:
             write(writer)
@@ -377,13 +305,11 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write a small JSON file atomically (see ``atomic_write_bytes``)."""
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def sha256_of_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
-    """The sha256 (hex) of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(chunk_bytes):
@@ -394,8 +320,7 @@ def sha256_of_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
 # --------------------------------------------------------------------------- verification
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete checkpoint as described by its completion marker."""
-
+    """A checkpoint as its completion marker describes it."""
     path: Path
     step: int
     epoch: int
@@ -414,8 +339,8 @@ def marker_path(checkpoint: Path) -> Path:
 
 
 def read_marker(checkpoint: Path) -> CheckpointInfo:
-    """Read a checkpoint's completion marker. Raises ``CorruptCheckpointError`` when the
-    marker is missing or unreadable (the save did not finish)."""
+    """A checkpoint's completion marker; ``CorruptCheckpointError`` when it is missing or
+    unreadable (the save did not finish)."""
     checkpoint = Path(checkpoint)
     try:
         meta = json.loads(marker_path(checkpoint).read_text())
@@ -424,54 +349,47 @@ def read_marker(checkpoint: Path) -> CheckpointInfo:
                               saved_at=float(meta["saved_at"]), sha256=str(meta["sha256"]),
                               size=int(meta["size"]))
     except FileNotFoundError:
-        raise CorruptCheckpointError(
-            f"{checkpoint.name}: no completion marker ({marker_path(checkpoint).name}); "
-            "the save did not finish") from None
+        raise CorruptCheckpointError(f"{checkpoint.name}: no completion marker "
+                                     f"({marker_path(checkpoint).name}); the save did not "
+                                     "finish") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptCheckpointError(
-            f"{checkpoint.name}: unreadable completion marker ({error})") from None
+        raise CorruptCheckpointError(f"{checkpoint.name}: unreadable completion marker "
+                                     f"({error})") from None
 
 
 def verify_checkpoint(info: CheckpointInfo) -> None:
-    """Check that a checkpoint's bytes are the ones its marker describes. Raises
-    ``CorruptCheckpointError`` with the reason (missing, truncated, checksum mismatch)."""
+    """``CorruptCheckpointError``, saying why, unless the bytes are the marker's."""
     raise NotImplementedError('Task 1: Verify a checkpoint against its marker (see README.md)')
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
-    """Every checkpoint in ``directory`` that has a readable completion marker, oldest
-    first by (step, save time). Checksums are not checked here; see
-    ``find_latest_valid_checkpoint``. The order never depends on file modification times,
-    which copies, restores and clock skew between nodes all change."""
+    """Every checkpoint with a readable marker, oldest first by (step, save time), never
+    by file times, which copies and clock skew change. Checksums are not checked here."""
     raise NotImplementedError('Task 2: List complete checkpoints by step (see README.md)')
 
 
 def find_latest_valid_checkpoint(directory: Path) -> CheckpointInfo | None:
-    """The newest checkpoint (by step) whose bytes match its marker, or None. Newer
-    checkpoints that fail verification are skipped with a log line that says why."""
+    """The newest checkpoint whose bytes match its marker, or None; newer corrupt ones
+    are skipped with a log line that says why."""
     raise NotImplementedError('Task 3: Resume from the newest valid checkpoint (see README.md)')
 
 
 def load_verified_checkpoint(info: CheckpointInfo) -> dict:
-    """``verify_checkpoint``, then ``load_checkpoint_file``: the state of a checkpoint
-    whose bytes are the ones its marker describes."""
+    """``verify_checkpoint``, then ``load_checkpoint_file``."""
     verify_checkpoint(info)
     return load_checkpoint_file(info.path)
 
 
-# What torch's weights_only loader says when a file asks for something it will not run: a
-# module it blocks ("unsupported GLOBAL posix.system whose module posix is blocked"), a name
-# off its allow list ("Unsupported global: GLOBAL builtins.eval"), an object or a call it
-# does not know ("Can only build ...", "call reduce for unrecognized function ...").
+# What torch's weights_only loader says of what it will not run: "unsupported GLOBAL
+# posix.system whose module posix is blocked", "Can only build ...", "call reduce for ...".
 _UNSAFE_CONTENT = re.compile(r"\bGLOBAL [\w.]+|Can only (create new object|build)|"
                              r"call reduce for unrecognized function")
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``: a file that needs
-    a full unpickle (which can run arbitrary code) is refused with ``UnsafeCheckpointError``
-    and nothing in it runs. (Not ``mmap=True``: the optimizer would keep tensors mapped
-    from a file that rotation deletes, and its disk space would stay taken.)"""
+    """``torch.load`` on the CPU with ``weights_only=True``: a file that needs a full
+    (code-running) unpickle is refused with ``UnsafeCheckpointError``, nothing in it runs.
+    (Not ``mmap=True``: tensors mapped from a rotated-away file keep its disk space.)"""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -490,8 +408,7 @@ def load_checkpoint_file(path: Path) -> dict:
 
 
 def _without_torch_advice(text: str) -> str:
-    """torch's own reason, without its advice to load with weights_only=False (which
-    would run whatever the file holds) or its pointers to the documentation."""
+    """torch's reason without its advice to retry with weights_only=False."""
     advice = re.compile(r"weights_only|Weights only load failed|Check the documentation")
     kept = [line.strip().removeprefix("WeightsUnpickler error: ")
             for line in text.splitlines() if line.strip() and not advice.search(line)]
@@ -500,18 +417,13 @@ def _without_torch_advice(text: str) -> str:
 
 # --------------------------------------------------------------------------- last pointer, rotation
 def read_last_pointer(directory: Path) -> Path | None:
-    """The checkpoint that ``last.pt`` names, or None when there is no pointer."""
     pointer = Path(directory) / LAST_POINTER
-    if not pointer.is_symlink():
-        return None
-    return Path(directory) / os.readlink(pointer)
+    return Path(directory) / os.readlink(pointer) if pointer.is_symlink() else None
 
 
 def update_last_pointer(directory: Path, checkpoint_name: str) -> None:
-    """Point ``last.pt`` at ``checkpoint_name`` atomically: a new relative symlink is made
-    beside it and renamed over it, so readers see either the old or the new target."""
-    directory = Path(directory)
-    pointer = directory / LAST_POINTER
+    """Point ``last.pt`` at ``checkpoint_name`` atomically (a new symlink renamed over)."""
+    directory, pointer = Path(directory), Path(directory) / LAST_POINTER
     if pointer.exists() and not pointer.is_symlink():
         log.warning("%s is a regular file, not a pointer; leaving it alone", pointer)
         return
@@ -536,25 +448,19 @@ def _all_but_newest(infos: list[CheckpointInfo], count: int) -> list[CheckpointI
 def rotate_checkpoints(directory: Path, *, keep: int, keep_time: int = 0,
                        keep_epochs: int | None = None, max_bytes: int | None = None,
                        protect: Sequence[Path] = ()) -> list[CheckpointInfo]:
-    """Delete old checkpoints: keep the newest ``keep`` step/epoch/preempt checkpoints and
-    the newest ``keep_time`` time-based ones, then, with ``max_bytes``, delete the oldest
-    until the total fits. With ``keep_epochs``, epoch checkpoints are milestones apart
-    from the step ones: the newest ``keep_epochs`` of them are kept, however many step
-    saves come after. Never deletes what ``last.pt`` names or anything in ``protect``
-    (pass the checkpoint you just saved and verified). Returns what was deleted.
-
-    Call it only after a save succeeded, so that a failed save never costs a checkpoint.
-    """
+    """Keep the newest ``keep`` checkpoints and ``keep_time`` timer ones (and with
+    ``keep_epochs``, that many epoch milestones apart from the rest), then delete the
+    oldest until ``max_bytes`` fits. Never deletes ``last.pt``'s target or ``protect``.
+    Call it only after a save succeeded: a failed save must never cost a checkpoint."""
     raise NotImplementedError('Task 4: Rotate without losing what you need (see README.md)')
 
 
 def remove_unfinished_saves(directory: Path) -> list[Path]:
-    """Delete temp files and checkpoints without a completion marker: the debris of a save
-    that was killed. Run it only while no other process saves into ``directory``."""
+    """Delete the debris of killed saves (temp files, checkpoints without a marker). Only
+    while no other process saves into ``directory``."""
     removed = []
     for path in Path(directory).iterdir():
-        unfinished_checkpoint = (_NAME_PATTERN.match(path.name)
-                                 and not marker_path(path).exists())
+        unfinished_checkpoint = _NAME_PATTERN.match(path.name) and not marker_path(path).exists()
         if path.name.startswith(TEMP_PREFIX) or unfinished_checkpoint:
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -564,18 +470,15 @@ def remove_unfinished_saves(directory: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- when to save
 class SaveSchedule:
-    """Decides when to save: every ``every_steps`` steps, at the end of every
-    ``every_epochs`` epochs, or when ``every_seconds`` have passed since the last save,
-    whichever comes first; None turns one off. ``due(...)`` gives the kind to save now."""
+    """Save every ``every_steps`` steps, every ``every_epochs`` epochs, or ``every_seconds``
+    after the last save, whichever comes first (None turns one off)."""
 
     def __init__(self, *, every_steps: int | None = None, every_epochs: int | None = None,
                  every_seconds: float | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.every_steps = every_steps
-        self.every_epochs = every_epochs
-        self.every_seconds = every_seconds
-        self.clock = clock
-        self.last_save = clock()
+        self.every_steps, self.every_epochs, self.every_seconds = (every_steps, every_epochs,
+                                                                    every_seconds)
+        self.clock, self.last_save = clock, clock()
 
     def due(self, *, step: int, epoch: int, epoch_finished: bool) -> str | None:
         """The kind of checkpoint due now ("epoch", "step" or "time"), or None."""
@@ -592,20 +495,12 @@ class SaveSchedule:
 
 
 # --------------------------------------------------------------------------- the manager
-class _StderrUntilConfigured(logging.StreamHandler):
-    """Prints the kit's lines while the program has configured no logging of its own."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger().handlers:
-            super().emit(record)
-
-
 def log_to_stderr_unless_configured() -> None:
-    """The kit's lines are the job's record of what was saved, skipped and resumed. In a
-    program that configures no logging, Python would show its warnings only: print every
-    line to stderr instead, until the program configures logging itself."""
+    """The kit's lines are the job's record of what was saved, skipped and resumed: print
+    them to stderr until the program configures logging (Python would show warnings only)."""
     if not log.handlers:
-        handler = _StderrUntilConfigured()
+        handler = logging.StreamHandler()
+        handler.addFilter(lambda record: not logging.getLogger().handlers)
         handler.setFormatter(logging.Formatter("[checkpoint] %(message)s"))
         log.addHandler(handler)
         if log.level == logging.NOTSET and not logging.getLogger().handlers:
@@ -613,20 +508,14 @@ def log_to_stderr_unless_configured() -> None:
 
 
 def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
-    if np is not None:
-        versions["numpy"] = str(np.__version__)
-    return versions
+    numpy = {"numpy": str(np.__version__)} if np is not None else {}
+    return {"python": platform.python_version(), "torch": str(torch.__version__), **numpy}
 
 
 class CheckpointManager:
-    """Saves, rotates and finds checkpoints in one folder; only one process may save into
-    it (rank 0 under DDP). Example::
-
-        manager = CheckpointManager("checkpoints", keep=3)
-        checkpoint = manager.load_latest()          # None on the first run
-        manager.save(state, step=progress.step, epoch=progress.epoch, kind="step")
-    """
+    """Saves, rotates and finds checkpoints in one folder, where one process saves (rank
+    0 under DDP): ``manager.load_latest()`` (None on the first run), ``manager.save(state,
+    step=progress.step, epoch=progress.epoch, kind="step")``."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_time: int = 2,
                  keep_epochs: int | None = None, max_bytes: int | None = None,
@@ -635,21 +524,17 @@ class CheckpointManager:
             raise ValueError("keep must be at least 1")
         log_to_stderr_unless_configured()
         self.directory = Path(directory)
-        self.keep = keep
-        self.keep_time = keep_time
-        self.keep_epochs = keep_epochs
-        self.max_bytes = max_bytes
-        self.world_size = world_size
+        self.keep, self.keep_time, self.keep_epochs = keep, keep_time, keep_epochs
+        self.max_bytes, self.world_size = max_bytes, world_size
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_unfinished_saves(self.directory)
         self.last_saved: CheckpointInfo | None = None
-        self.save_seconds = 0.0
-        self.save_count = 0
+        self.save_seconds, self.save_count = 0.0, 0
 
     def save(self, state: dict, *, step: int, epoch: int, kind: str = "step") -> CheckpointInfo:
-        """Save ``state`` durably, write its completion marker, move ``last.pt``, rotate.
-        A second save at the same step is skipped (a preemption signal right after a
-        periodic save costs nothing), except an epoch checkpoint, a milestone of its own."""
+        """Save durably, write the marker, move ``last.pt``, rotate. A second save at the
+        same step is skipped (a signal right after a periodic save costs nothing), except
+        an epoch checkpoint, a milestone of its own."""
         if self._already_saved(step, kind):
             return self.last_saved
         return self._write(state, step=step, epoch=epoch, kind=kind, saved_at=time.time())
@@ -669,10 +554,8 @@ class CheckpointManager:
         update_last_pointer(self.directory, name)
         info = CheckpointInfo(path=path, step=step, epoch=epoch, kind=kind,
                               saved_at=saved_at, sha256=digest, size=size)
-        self.last_saved = info
-        elapsed = time.perf_counter() - started
-        self.save_seconds += elapsed
-        self.save_count += 1
+        self.last_saved, elapsed = info, time.perf_counter() - started
+        self.save_seconds, self.save_count = self.save_seconds + elapsed, self.save_count + 1
         log.info("saved %s (step %d, epoch %d, %.1f MB, %.2f s)",
                  name, step, epoch, size / 1e6, elapsed)
         rotate_checkpoints(self.directory, keep=self.keep, keep_time=self.keep_time,
@@ -681,7 +564,6 @@ class CheckpointManager:
         return info
 
     def _write_file(self, path: Path, state: dict) -> tuple[str, int]:
-        """Write ``state`` to ``path`` atomically; return its sha256 and size."""
         return atomic_write_bytes(path, lambda f: torch.save(state, f))
 
     def _load_verified(self, info: CheckpointInfo) -> dict:
@@ -702,9 +584,8 @@ class CheckpointManager:
                 "versions": library_versions(), "host": platform.node()}
 
     def load_latest(self, *, quarantine: bool = True) -> dict | None:
-        """Load the newest valid checkpoint on the CPU, or return None (with a log line).
-        Corrupt and unsafe checkpoints are skipped with a log line that says why and moved
-        to ``corrupt/`` for inspection; ``last.pt`` then names the one resumed from. Pass
+        """The newest valid checkpoint, loaded on the CPU, or None. Corrupt and unsafe ones
+        are skipped with a log line saying why and moved to ``corrupt/``. Pass
         ``quarantine=False`` on every process but the one that saves."""
         raise NotImplementedError('Task 3: Resume from the newest valid checkpoint (see README.md)')
 
@@ -714,23 +595,11 @@ DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class PreemptionHandler:
-    """Turns preemption signals into a flag that the training loop checks at the end of
-    each step.
-
-    The handler does nothing but set the flag. Saving inside a signal handler is the
-    classic mistake: the signal can land in the middle of an optimizer step (the state is
-    half updated) or in the middle of a save or a print (Python then fails with a
-    reentrant-call error). Use it as a context manager to put the previous handlers back.
-
-    Example::
-
-        with PreemptionHandler() as preemption:
-            for batch in loader:
-                train_step(batch)
-                if preemption.requested:
-                    manager.save(state, ...)
-                    exit_after_preemption(preemption)
-    """
+    """Turns preemption signals into a flag that the loop checks after each step (saving in
+    the handler is the classic mistake: the signal can land mid optimizer step, or mid save
+    or print, a reentrant-call error). ``with PreemptionHandler() as preemption:`` puts the
+    previous handlers back at the end; after each step, ``if preemption.requested:`` save
+    with ``kind="preempt"`` and call ``exit_after_preemption(preemption)``."""
 
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
         self.signals = tuple(signals)
@@ -749,8 +618,10 @@ class PreemptionHandler:
         self.received.append(signum)
 
     def install(self) -> "PreemptionHandler":
+        """Install the handler; again after a library took a signal over unseen by Python
+        (TensorFlow's multi-worker runtime does, for SIGTERM)."""
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, signal.signal(sig, self._handle))
         return self
 
     def uninstall(self) -> None:
@@ -758,14 +629,7 @@ class PreemptionHandler:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def reinstall(self) -> None:
-        """Put the handler back over one that a library installed since, unseen by
-        Python: TensorFlow's multi-worker runtime installs its own SIGTERM handler."""
-        for sig in self.signals:
-            signal.signal(sig, self._handle)
-
     def ignore_further_signals(self) -> None:
-        """Ignore this handler's signals for the rest of the process (used on the way out)."""
         for sig in self.signals:
             signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
@@ -777,19 +641,13 @@ class PreemptionHandler:
 
 
 class EmergencyDeadline:
-    """Ends the process if the block takes longer than ``seconds``: an emergency save
-    that hangs (a stuck file system) must not eat the time Slurm leaves before SIGKILL.
-
-    A Python timer thread prints a clear message and exits with ``EXIT_SAVE_TIMEOUT``.
-    If the interpreter itself is stuck (a C call holding the GIL), faulthandler's C-level
-    watchdog dumps the stack and exits a few seconds later. The previous complete
-    checkpoint stays valid either way: the unfinished one has no completion marker.
-    Example: ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``.
-    """
+    """Exit ``EXIT_SAVE_TIMEOUT`` if the block outlasts ``seconds``: a hung emergency save
+    must not eat the time Slurm leaves before SIGKILL. If the interpreter itself is stuck
+    (a C call holding the GIL), faulthandler's C watchdog exits a few seconds later.
+    ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``"""
 
     def __init__(self, seconds: float, backstop_seconds: float = 5.0):
-        self.seconds = seconds
-        self.backstop_seconds = backstop_seconds
+        self.seconds, self.backstop_seconds = seconds, backstop_seconds
         self._timer: threading.Timer | None = None
 
     def _expire(self) -> None:
@@ -817,15 +675,11 @@ _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 
 
 def slurm_job_id(environ: dict | None = None) -> str | None:
-    """The id to requeue this job by: ``ARRAYJOB_TASK`` for a job array task (so only this
-    task is requeued), else ``SLURM_JOB_ID``; None outside Slurm. Raises
-    ``InvalidJobIdError`` for anything that is not digits (never passed to a command)."""
+    """``ARRAYJOB_TASK`` in a job array (only this task is requeued), else
+    ``SLURM_JOB_ID``; None outside Slurm. ``InvalidJobIdError`` unless digits."""
     env = os.environ if environ is None else environ
     array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        job_id = f"{array_job}_{array_task}"
-    else:
-        job_id = env.get("SLURM_JOB_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else env.get("SLURM_JOB_ID")
     if job_id is None:
         return None
     if not _JOB_ID.fullmatch(job_id):  # fullmatch: "$" would accept a trailing newline
@@ -836,13 +690,9 @@ def slurm_job_id(environ: dict | None = None) -> str | None:
 
 def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
                       timeout: float = 30.0) -> bool:
-    """Ask Slurm to requeue this job with ``scontrol requeue <id>``. Returns True when
-    Slurm accepted; False, with a log line that says why, when not in a Slurm job, when
-    ``scontrol`` is not on PATH (inside a container, say) or when Slurm refused.
-
-    The command is run with an argument list, never through a shell, and the id is
-    validated first.
-    """
+    """``scontrol requeue <id>`` (an argument list, never a shell). True when Slurm
+    accepted; False, with a log line saying why, outside Slurm, without ``scontrol`` on
+    PATH (in a container, say) or when Slurm refused."""
     job_id = slurm_job_id(environ)
     if job_id is None:
         log.warning("not running under Slurm (no SLURM_JOB_ID): not requeueing")
@@ -856,25 +706,23 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
     try:
         result = subprocess.run([executable, "requeue", job_id], capture_output=True,
                                 text=True, timeout=timeout, check=False)
+        problem = result.returncode and (f"exit {result.returncode}: "
+                                         f"{(result.stderr or result.stdout).strip()}")
     except subprocess.TimeoutExpired:
-        log.warning("scontrol requeue %s did not answer within %g s", job_id, timeout)
-        return False
-    if result.returncode != 0:
-        log.warning("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode,
-                    (result.stderr or result.stdout).strip())
+        problem = f"no answer within {timeout:g} s"
+    if problem:
+        log.warning("scontrol requeue %s failed (%s)", job_id, problem)
         return False
     log.info("requeued Slurm job %s", job_id)
     return True
 
 
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
-    """Exit after the emergency checkpoint was saved: requeue the Slurm job and exit with
-    ``EXIT_REQUEUED``, or exit with ``EXIT_PREEMPTED`` when requeueing is off or failed.
-    """
+    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, or exit
+    ``EXIT_PREEMPTED`` when requeueing is off or failed."""
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
-    # A requeue makes Slurm send SIGTERM to every process of the job at once, and the batch
-    # shell may forward more. We are leaving: a late signal must not turn a clean exit into
-    # a kill (exit code 143), so ignore them from now on, also after the handler's `with`.
+    # A requeue makes Slurm SIGTERM every process of the job, the batch shell may forward
+    # more: ignore them, so that no late signal turns this clean exit into a kill (143).
     handler.ignore_further_signals()
     if requeue:
         try:
