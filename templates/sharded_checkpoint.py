@@ -35,15 +35,20 @@ and sha256 it records. The marker is written after every shard was hashed, and t
 folder only takes its final name after that, so a killed save leaves a ``.tmp-`` folder
 and never a checkpoint that looks complete.
 
-Security: DCP reads ``.metadata`` and the non-tensor entries of a shard with a full
-unpickle, which can run code. Unlike the kit's single-file checkpoints, load sharded
-checkpoints only from folders you trust.
+Security: DCP itself reads ``.metadata`` and the non-tensor entries of a shard (learning
+rate, betas) with a full unpickle, which can run code. This file never lets it: before a
+checkpoint is chosen, rank 0 reads its index with an unpickler that admits only the
+classes a DCP index holds, and every non-tensor entry with ``weights_only=True``; a
+checkpoint that names anything else is skipped as unsafe. The load itself reads the same
+way (``SafeFileSystemReader``, ``SafeLoadPlanner``).
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import pickle
 import platform
 import re
 import shutil
@@ -55,12 +60,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from checkpoint_utils import (
     TEMP_PREFIX,
     CheckpointError,
     CorruptCheckpointError,
+    UnsafeCheckpointError,
     atomic_write_bytes,
     atomic_write_json,
     fsync_directory,
@@ -152,6 +160,92 @@ def verify_sharded_checkpoint(info: ShardedCheckpointInfo) -> None:
                 "bytes were changed)")
 
 
+# --------------------------------------------------------------------------- safe reading
+# Everything a DCP index (``.metadata``) names when torch writes it: DCP's own records,
+# torch's sizes, dtypes and layouts, and paths. Unpickling anything else could run code.
+_INDEX_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        torch_constant = module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.memory_format))
+        if name in _INDEX_CLASSES.get(module, ()) or torch_constant:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{DCP_METADATA_NAME} names {module}.{name}, which no DCP index holds: unsafe, "
+            "refused to load (unpickling it could run arbitrary code)")
+
+
+def read_dcp_index(folder: Path):
+    """DCP's index of a checkpoint folder, unpickled with only the classes an index holds.
+    Raises ``UnsafeCheckpointError`` naming any other, ``CorruptCheckpointError`` when
+    the file cannot be read."""
+    folder = Path(folder)
+    try:
+        with open(folder / DCP_METADATA_NAME, "rb") as file:
+            return _IndexUnpickler(file).load()
+    except UnsafeCheckpointError as error:
+        raise UnsafeCheckpointError(f"{folder.name}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable index is a corrupt one
+        raise CorruptCheckpointError(f"{folder.name}: {DCP_METADATA_NAME} cannot be read "
+                                     f"({type(error).__name__}: {error})") from None
+
+
+def _load_plain_entry(data: bytes, where: str):
+    """A non-tensor entry of a shard (DCP stores each with torch.save), read with
+    ``weights_only=True``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - named below, never run
+        raise UnsafeCheckpointError(f"{where}: refused to load, unsafe or unreadable "
+                                    f"({str(error).splitlines()[0][:200]})") from None
+
+
+def check_sharded_content(info: ShardedCheckpointInfo) -> None:
+    """Read the index and every non-tensor entry the way the load will, without running
+    anything: ``UnsafeCheckpointError`` when one would need a full unpickle."""
+    index = read_dcp_index(info.path)
+    for where, item in index.storage_data.items():
+        if not isinstance(index.state_dict_metadata.get(where.fqn), BytesStorageMetadata):
+            continue
+        with open(info.path / item.relative_path, "rb") as shard:
+            shard.seek(item.offset)
+            _load_plain_entry(shard.read(item.length), f"{info.name}: {where.fqn}")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's reader, but the index is read with ``read_dcp_index``."""
+
+    def read_metadata(self, *args, **kwargs):
+        index = read_dcp_index(Path(self.path))
+        if getattr(index, "storage_meta", None) is None:
+            index.storage_meta = StorageMeta()
+        index.storage_meta.load_id = self.load_id  # as DCP's own read_metadata does
+        return index
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, but a non-tensor entry is read with ``weights_only=True`` (DCP's
+    own planner runs a full unpickle). The safe value is handed on as plain bytes."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        plain = _load_plain_entry(value.read(), read_item.dest_index.fqn)
+        buffer = io.BytesIO()
+        torch.save(plain, buffer)  # plain data only: the full unpickle below runs nothing
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)
+
+
 def _checkpoint_folders(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
@@ -176,7 +270,8 @@ def find_latest_valid_sharded(directory: Path, *,
                               quarantine: bool = False) -> ShardedCheckpointInfo | None:
     """The newest checkpoint (by the marker's step) whose files all match the marker, or
     None. Every folder passed over is logged with the reason (no marker, a shard missing,
-    truncated or changed). With ``quarantine=True`` those folders are moved to
+    truncated or changed, or content that only a full unpickle could read). With
+    ``quarantine=True`` those folders are moved to
     ``corrupt/``: out of the way of rotation, of ``last`` and of the next save of the same
     step. Only one process may quarantine (rank 0).
 
@@ -197,8 +292,10 @@ def find_latest_valid_sharded(directory: Path, *,
     for info in sorted(candidates, key=lambda i: (i.step, i.saved_at), reverse=True):
         try:
             verify_sharded_checkpoint(info)
-        except CorruptCheckpointError as error:
-            log.warning("skipped corrupt checkpoint: %s", error)
+            check_sharded_content(info)
+        except CheckpointError as error:
+            what = "unsafe" if isinstance(error, UnsafeCheckpointError) else "corrupt"
+            log.warning("skipped %s checkpoint: %s", what, error)
             skipped.append(info.path)
             continue
         chosen = info
@@ -353,7 +450,7 @@ def _check_against_dcp_index(folder: Path, files: dict) -> None:
     """Every file that DCP's ``.metadata`` refers to must be in the marker: if a future
     DCP names its files differently, the save fails loudly instead of writing a marker
     that does not cover a shard."""
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    metadata = read_dcp_index(folder)
     # storage_data maps each stored item to where it lives (_StorageInfo.relative_path).
     referenced = {info.relative_path for info in metadata.storage_data.values()}
     unlisted = sorted(referenced - set(files))
@@ -630,7 +727,7 @@ def load_sharded(folder: Path, model: torch.nn.Module,
     # get_state_dict gives the shapes and shardings to load into; for an optimizer that
     # has not stepped yet, it first creates its state (a step with zero grads and lr 0).
     state = _sharded_state(model, optimizer)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)))
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     return load_checkpoint_file(folder / EXTRA_STATE_NAME)

@@ -16,8 +16,13 @@ in the environment), each launch on a free port of its own.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import logging
+import operator
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -27,10 +32,12 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 import sharded_checkpoint as sc
 from compare_checkpoints import checkpoint_differences
@@ -240,6 +247,115 @@ def test_rotation_keeps_what_last_points_to(reference, tmp_path):
     sc.rotate_sharded_checkpoints(ckpt, keep=1, protect=(newest.path,))
     assert [i.name for i in sc.list_sharded_checkpoints(ckpt)] == [oldest.name, newest.name]
     assert sc.read_last_link(ckpt) == oldest.path
+
+
+# --------------------------------------------------------------------------- tampering
+# Someone who can write into the checkpoint folder (a group-writable project space) and
+# recomputes the marker: its sha256 list catches accidents, not them. Nothing they put in
+# the folder may run, and the run must resume from the previous checkpoint.
+class RunsCommand:
+    """Unpickled by a full unpickler, runs ``command``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class RunsCommandThenIs:
+    """Unpickled by a full unpickler, runs ``command`` and then is ``value``: nothing
+    looks wrong afterwards."""
+
+    def __init__(self, command: str, value):
+        self.command, self.value = command, value
+
+    def __reduce__(self):
+        return operator.itemgetter(1), ((RunsCommand(self.command), self.value),)
+
+
+def remark(folder: Path, *names: str) -> None:
+    """Recompute the marker's size and sha256 of files that were changed."""
+    marker = json.loads((folder / sc.MARKER_NAME).read_text())
+    for name in names:
+        marker["files"][name] = {"size": (folder / name).stat().st_size,
+                                 "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+    (folder / sc.MARKER_NAME).write_text(json.dumps(marker))
+
+
+def index_that_runs(folder: Path, sentinel: Path) -> str:
+    """.metadata replaced by a pickle that runs a command and returns the real index."""
+    index = folder / sc.DCP_METADATA_NAME
+    with open(index, "rb") as file:
+        genuine = pickle.load(file)  # the test's own, genuine file
+    index.write_bytes(pickle.dumps(RunsCommandThenIs(f"touch {sentinel}", genuine)))
+    remark(folder, sc.DCP_METADATA_NAME)
+    return "unsafe"
+
+
+def shard_entry_that_runs(folder: Path, sentinel: Path) -> str:
+    """A payload appended to a shard, and a genuine index whose learning-rate entry points
+    at it."""
+    index_path, shard = folder / sc.DCP_METADATA_NAME, folder / "__0_0.distcp"
+    with open(index_path, "rb") as file:
+        index = pickle.load(file)
+    payload = io.BytesIO()
+    torch.save(RunsCommandThenIs(f"touch {sentinel}", 0.001), payload)
+    offset = shard.stat().st_size
+    with open(shard, "ab") as file:
+        file.write(payload.getvalue())
+    key = next(k for k in index.storage_data if k.fqn == "optim.param_groups.0.lr")
+    index.storage_data[key] = dataclasses.replace(index.storage_data[key], offset=offset,
+                                                  length=len(payload.getvalue()),
+                                                  relative_path=shard.name)
+    index_path.write_bytes(pickle.dumps(index))
+    remark(folder, sc.DCP_METADATA_NAME, shard.name)
+    return "optim.param_groups.0.lr"
+
+
+@pytest.mark.parametrize("tamper", [index_that_runs, shard_entry_that_runs],
+                         ids=lambda f: f.__name__)
+def test_tampered_checkpoint_with_a_recomputed_marker_runs_nothing(tamper, reference,
+                                                                    tmp_path, caplog):
+    ckpt, sentinel = copy_checkpoints(reference, tmp_path / "ckpt"), tmp_path / "ran"
+    reason = tamper(ckpt / sc.checkpoint_folder_name(STEPS), sentinel)
+    with caplog.at_level(logging.WARNING, logger="checkpoint"):
+        info = sc.find_latest_valid_sharded(ckpt)
+    assert not sentinel.exists(), "the checkpoint ran a command"
+    assert info is not None and info.step == STEPS - SAVE_EVERY
+    assert any("skipped unsafe checkpoint" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_run_resumes_past_both_tamperings_runs_nothing_and_ends_identical(reference,
+                                                                          tmp_path):
+    ckpt, sentinel = copy_checkpoints(reference, tmp_path / "ckpt"), tmp_path / "ran"
+    index_that_runs(ckpt / sc.checkpoint_folder_name(STEPS), sentinel)
+    shard_entry_that_runs(ckpt / sc.checkpoint_folder_name(STEPS - SAVE_EVERY), sentinel)
+    full = tmp_path / "full.pt"
+    run = launch(2, train_args(ckpt, "--export-full", str(full)))
+    assert run.exit_codes == [0, 0], run.describe()
+    assert not sentinel.exists(), "a rank ran the checkpoint's command"
+    assert run.resumed_from == STEPS - 2 * SAVE_EVERY, run.describe()
+    assert sum("skipped unsafe checkpoint" in line for line in run.lines) == 2, run.describe()
+    assert checkpoint_differences(reference / "full.pt", full) == []
+
+
+def test_the_load_itself_refuses_what_verification_would(tmp_path):
+    """Defence in depth: were the check skipped, DCP's reads through the kit's reader and
+    planner still run nothing."""
+    sentinel = tmp_path / "ran"
+    (tmp_path / sc.DCP_METADATA_NAME).write_bytes(
+        pickle.dumps(RunsCommandThenIs(f"touch {sentinel}", {})))
+    with pytest.raises(sc.UnsafeCheckpointError, match="posix.system|operator.itemgetter"):
+        sc.SafeFileSystemReader(str(tmp_path)).read_metadata()
+    payload = io.BytesIO()
+    torch.save(RunsCommandThenIs(f"touch {sentinel}", 0.001), payload)
+    payload.seek(0)
+    item = types.SimpleNamespace(dest_index=types.SimpleNamespace(fqn="optim.lr"))
+    with pytest.raises(sc.UnsafeCheckpointError, match="optim.lr"):
+        sc.SafeLoadPlanner().load_bytes(item, payload)
+    assert not sentinel.exists()
 
 
 # --------------------------------------------------------------------------- preemption
