@@ -2,19 +2,26 @@ function [path, info] = ckpt_find_latest_valid(folder)
 %CKPT_FIND_LATEST_VALID  The newest checkpoint (by step) whose bytes match its marker.
 %   [path, info] = ckpt_find_latest_valid('checkpoints')
 %   path is '' and info [] when there is none (a fresh start). Newer checkpoints that fail
-%   verification are skipped with a printed line that says why; files without a marker are
-%   not candidates at all. It never raises for a damaged file.
+%   verification, or hold more than data (ckpt_check_plain_mat), are skipped with a printed
+%   line that says why; files without a marker are not candidates at all. It never raises
+%   for a damaged file.
   path = '';
   info = [];
   candidates = ckpt_list(folder);
   for index = numel(candidates):-1:1
     [ok, reason] = ckpt_verify(candidates(index).path);
-    if ok
-      path = candidates(index).path;
-      info = candidates(index);
-      return;
+    if ~ok
+      ckpt_print('skipped corrupt checkpoint: %s\n', reason);
+      continue;
     end
-    ckpt_print('skipped corrupt checkpoint: %s\n', reason);
+    [ok, reason] = ckpt_check_plain_mat(candidates(index).path);
+    if ~ok
+      ckpt_print('skipped unsafe checkpoint: %s\n', reason);
+      continue;
+    end
+    path = candidates(index).path;
+    info = candidates(index);
+    return;
   end
 end
 

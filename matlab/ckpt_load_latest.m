@@ -11,7 +11,7 @@ function [checkpoint, info] = ckpt_load_latest(folder)
   if isempty(path)
     return;
   end
-  contents = load(path);
+  contents = load(path, '-mat');  % as a MAT file, whatever its bytes claim to be
   if ~isfield(contents, 'checkpoint')
     error('ckpt:noCheckpoint', '%s holds no variable ''checkpoint''', path);
   end

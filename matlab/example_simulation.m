@@ -21,7 +21,7 @@ function exit_code = example_simulation(folder, varargin)
 %     - rotation: the newest `keep` step/preempt and `keep_time` timed checkpoints stay
 %
 %   Files in the checkpoint folder:
-%     step_00000400.mat        a checkpoint: the variable 'checkpoint' (MAT -v7)
+%     step_00000400.mat        a checkpoint: the variable 'checkpoint' (MAT -v6)
 %     step_00000400.mat.json   its completion marker: step, kind, size, sha256
 %     time_00000457.mat(.json) saved by the timer (named by step, so names sort by progress)
 %     preempt_00000412.mat(.json)  saved when a stop was requested

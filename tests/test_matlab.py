@@ -123,7 +123,7 @@ def test_every_builtin_test_block_passes(octave, tmp_path):
 
 
 # ------------------------------------------------------------------ files, checked from outside
-def test_a_save_leaves_a_v7_mat_file_a_true_marker_and_the_pointer(octave, tmp_path):
+def test_a_save_leaves_a_v6_mat_file_a_true_marker_and_the_pointer(octave, tmp_path):
     folder = tmp_path / "checkpoints"
     run_octave(f"ckpt_save('{folder}', struct('step', 40, 'x', rand(50)), 40);"
                f"ckpt_save('{folder}', struct('step', 80, 'x', rand(50)), 80, 'time');",
@@ -137,7 +137,8 @@ def test_a_save_leaves_a_v7_mat_file_a_true_marker_and_the_pointer(octave, tmp_p
         marker = json.loads((folder / f"{name}.json").read_text())
         assert marker["sha256"] == hashlib.sha256(data).hexdigest()
         assert (marker["size"], marker["step"], marker["kind"]) == (len(data), step, kind)
-        assert data.startswith(b"MATLAB 5.0 MAT-file")  # -v7, not Octave's text format
+        assert data.startswith(b"MATLAB 5.0 MAT-file")  # -v6, not Octave's text format
+        assert b"\x0f\x00\x00\x00" not in data[128:136]  # not compressed (-v7)
     assert (folder / "last.txt").read_text() == "time_00000080.mat\n"
 
 
@@ -171,6 +172,29 @@ def test_resume_skips_every_damaged_newer_checkpoint_with_a_line(octave, tmp_pat
             in output)
     # no readable marker: never a candidate, so no line either (cleaned up at start-up)
     assert "step_00000003.mat" not in output and "step_00000002.mat" not in output
+
+
+def test_a_rewritten_checkpoint_that_runs_code_is_skipped_as_unsafe(octave, tmp_path):
+    """Someone who can write the folder rewrites the newest checkpoint in Octave's text
+    format, with a function handle whose stored text runs a command and then is a handle
+    (load evaluates it), and rewrites its marker. The resume must skip it, run nothing,
+    and load the one before."""
+    folder, sentinel = tmp_path / "checkpoints", tmp_path / "ran"
+    run_octave(f"ckpt_save('{folder}', struct('step', 1, 'x', 1), 1);"
+               f"checkpoint = struct('step', 2, 'x', 2, 'h', @() 1);"
+               f"save('-text', '{folder}/step_00000002.mat', 'checkpoint');", tmp_path)
+    newest = folder / "step_00000002.mat"
+    text = newest.read_text().replace("@() 1", f"{{system('touch {sentinel}'), @() 1}}{{2}}")
+    newest.write_text(text)
+    marker = {"name": newest.name, "step": 2, "kind": "step", "size": len(text.encode()),
+              "sha256": hashlib.sha256(text.encode()).hexdigest(), "format_version": 1,
+              "saved_at": "2026-01-01T00:00:00.000", "saved_by": "someone"}
+    Path(f"{newest}.json").write_text(json.dumps(marker))
+    output = run_octave(f"[c, info] = ckpt_load_latest('{folder}');"
+                        "printf('LOADED %s %d\\n', info.name, c.step);", tmp_path)
+    assert not sentinel.exists(), "loading the checkpoint ran its command"
+    assert "LOADED step_00000001.mat 1" in output, output
+    assert "skipped unsafe checkpoint: step_00000002.mat: unsafe" in output, output
 
 
 def test_the_rng_continues_in_a_new_process_exactly(octave, tmp_path):

@@ -129,6 +129,66 @@ test_that("load_latest_checkpoint loads the newest valid state and quarantines t
   expect_identical(readLines(file.path(folder, "last.txt")), "step_00000100.rds")
 })
 
+# ------------------------------------------------------------------ code in a checkpoint
+# Someone who can write the checkpoint folder rewrites a checkpoint and its marker; the
+# two shapes of file that made readRDS run code (R 4.2), each creating `sentinel`.
+rewrite_with_marker <- function(path, bytes) {
+  writeBin(bytes, path)
+  info <- read_marker(path)
+  write_completion_marker(path, info$step, info$kind, info$saved_at, sha256_of_file(path),
+                          file.size(path))
+}
+
+promise_that_runs <- function(path, sentinel) {  # the whole file: a promise of the state
+  code <- call("{", call("file.create", sentinel), readRDS(path))
+  body <- serialize(code, NULL, xdr = TRUE, version = 2)
+  promise <- writeBin(c(1029L, 253L, 252L), raw(), endian = "big")  # PROMSXP, global env
+  rewrite_with_marker(path, c(body[1:14], promise, body[-(1:14)]))
+}
+
+environment_that_runs <- function(path, sentinel) {  # a state whose `step` is a promise
+  state <- list2env(readRDS(path))
+  eval(substitute(delayedAssign("step", {file.create(S); 300}, assign.env = state),
+                  list(S = sentinel)))
+  rewrite_with_marker(path, serialize(state, NULL, xdr = TRUE))
+}
+
+for (tamper in c("promise_that_runs", "environment_that_runs")) {
+  test_that(paste("a checkpoint rewritten as", tamper, "is refused as unsafe, nothing runs"), {
+    folder <- new_folder()
+    paths <- save_steps(folder, c(100, 200, 300))
+    sentinel <- file.path(folder, "ran")
+    get(tamper)(paths[3], sentinel)
+    expect_message(state <- load_latest_checkpoint(folder),
+                   "skipped unsafe checkpoint: step_00000300.rds: unsafe")
+    expect_false(file.exists(sentinel))
+    expect_identical(state$step, 200)
+  })
+}
+
+test_that("plain data of every kind passes the check", {
+  folder <- new_folder()
+  set.seed(1)
+  state <- list(i = 1:10, big = seq_len(1e5), x = c(a = 1.5), s = c("a", NA, ""),
+                l = list(TRUE, NULL, 2+3i, as.raw(1:3)), d = data.frame(x = 1:2, y = c("u", "v")),
+                f = factor(c("u", "v")), m = matrix(1:4, 2), seed = .Random.seed)
+  for (compress in list(TRUE, FALSE, "xz")) {
+    path <- file.path(folder, "state.rds")
+    atomic_save_rds(state, path, compress = compress)
+    expect_true(check_plain_rds(path))
+  }
+})
+
+test_that("a state that is not plain data is refused at the save, naming where", {
+  folder <- new_folder()
+  fit <- lm(y ~ x, data.frame(x = 1:3, y = c(1, 3, 2)))
+  expect_error(atomic_save_rds(list(model = fit), file.path(folder, "a.rds")),
+               "state\\[\\[\"model\"\\]\\]\\[\\[\"call\"\\]\\] is language")
+  expect_error(atomic_save_rds(list(cache = new.env()), file.path(folder, "a.rds")),
+               "environment")
+  expect_identical(list.files(folder, all.files = TRUE, no.. = TRUE), character())
+})
+
 test_that("load_latest_checkpoint with quarantine = FALSE changes nothing on disk", {
   folder <- new_folder()
   paths <- save_steps(folder, c(100, 200))

@@ -9,7 +9,7 @@ function ckpt_restore_rng_state(state)
 end
 
 %!test
-%! % the state survives the round trip through a -v7 MAT file
+%! % the state survives the round trip through a checkpoint file
 %! folder = tempname ();
 %! confirm_recursive_rmdir (false, 'local');
 %! rng (7);

@@ -5,8 +5,9 @@ function info = ckpt_save(folder, checkpoint, step, kind)
 %
 %   checkpoint: a struct holding everything the run needs to continue (the step, its
 %   data, the RNG state from ckpt_rng_state). It is saved as the variable 'checkpoint' in a
-%   MAT file of format -v7 (compressed; read by MATLAB, Octave and scipy.io.loadmat;
-%   variables up to 2 GB each: see docs/matlab.md for -v7.3).
+%   MAT file of format -v6 (read by MATLAB, Octave and scipy.io.loadmat; variables up to
+%   2 GB each). Not -v7: its compressed bytes cannot be checked before load, and load can
+%   run code (see ckpt_check_plain_mat).
 %
 %   The order is what makes a kill at any moment harmless:
 %     1. save to '.tmp-<name>' in the same folder        (a kill leaves debris only)

@@ -2,8 +2,9 @@ function [path, info] = ckpt_find_latest_valid(folder)
 %CKPT_FIND_LATEST_VALID  The newest checkpoint (by step) whose bytes match its marker.
 %   [path, info] = ckpt_find_latest_valid('checkpoints')
 %   path is '' and info [] when there is none (a fresh start). Newer checkpoints that fail
-%   verification are skipped with a printed line that says why; files without a marker are
-%   not candidates at all. It never raises for a damaged file.
+%   verification, or hold more than data (ckpt_check_plain_mat), are skipped with a printed
+%   line that says why; files without a marker are not candidates at all. It never raises
+%   for a damaged file.
 
   % Exercise ex04-auto-resume, task 3: write this function in place of the error() below.
   % Generated from matlab/ckpt_find_latest_valid.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex04

@@ -236,7 +236,7 @@ FIND_NOTHING = probe(3, "find nothing", """
 LOAD_OVERWRITTEN = probe(3, "load overwritten", """
     folder = grader_checkpoints(tempname(), {'step:100', 'step:200', 'step:300'});
     checkpoint = struct('step', 999);   % another valid MAT file under the newest name
-    save(grader_path(folder, 'step_00000300.mat'), 'checkpoint', '-v7');
+    save(grader_path(folder, 'step_00000300.mat'), 'checkpoint', '-v6');
     [checkpoint, info] = ckpt_load_latest(folder);
     value.step = checkpoint.step;
     value.values = isequal(checkpoint.values, (1:300) + 200);

@@ -88,6 +88,10 @@ corrupt_checkpoint <- function(...) {
   stop(checkpoint_condition(paste0(...), "corrupt_checkpoint_error"))
 }
 
+unsafe_checkpoint <- function(...) {
+  stop(checkpoint_condition(paste0(...), "unsafe_checkpoint_error"))
+}
+
 
 # ------------------------------------------------------------------------------ atomic writes
 # Base R has no fsync. `sync FILE` (GNU coreutils >= 8.24) flushes one file or folder to
@@ -122,7 +126,32 @@ atomic_write_file <- function(path, write, durable = TRUE) {
 }
 
 atomic_save_rds <- function(object, path, compress = TRUE) {
+  check_plain_state(object)
   atomic_write_file(path, function(tmp) saveRDS(object, tmp, compress = compress))
+}
+
+# A checkpoint holds data only: the resume refuses anything else (check_plain_rds), so it
+# is refused here, at the save, with its place in the state named. A fitted model holds
+# its formula's environment: save its coefficients instead.
+PLAIN_TYPES <- c("NULL", "logical", "integer", "double", "complex", "character", "raw",
+                 "list")
+
+check_plain_state <- function(x, where = "state") {
+  if (!typeof(x) %in% PLAIN_TYPES) {
+    stop(where, " is ", typeof(x), ": a checkpoint holds numbers, strings, logicals and ",
+         "lists only (the resume refuses anything else, as it could run code)", call. = FALSE)
+  }
+  if (is.list(x)) {
+    labels <- if (is.null(names(x))) rep("", length(x)) else names(x)
+    for (i in seq_along(x)) {
+      check_plain_state(x[[i]], sprintf("%s[[%s]]", where,
+                                         if (nzchar(labels[i])) deparse(labels[i]) else i))
+    }
+  }
+  for (name in setdiff(names(attributes(x)), "names")) {
+    check_plain_state(attr(x, name, exact = TRUE), sprintf("attr(%s, \"%s\")", where, name))
+  }
+  invisible(TRUE)
 }
 
 
@@ -245,11 +274,94 @@ quarantine_checkpoint <- function(info) {
   checkpoint_log("moved ", info$name, " to ", QUARANTINE_FOLDER, "/ for inspection")
 }
 
-# readRDS() of a verified checkpoint; a file that verifies but cannot be read is corrupt.
+# readRDS() of a verified checkpoint that holds plain data only (check_plain_rds); a file
+# that verifies but cannot be read is corrupt.
 read_checkpoint_file <- function(path) {
+  check_plain_rds(path)
   tryCatch(readRDS(path), error = function(e) {
     corrupt_checkpoint(basename(path), ": cannot be read (", conditionMessage(e), ")")
   })
+}
+
+# readRDS can hand back objects that run code when they are touched: a promise, an
+# environment holding one, a function, a call. Someone who can write the checkpoint folder
+# can also rewrite its marker, so before readRDS the kit walks the file's serialized bytes
+# (R Internals, "Serialization Formats") and refuses every type but plain data: NULL,
+# names and attributes, strings, logical, integer, double, complex and raw vectors, and
+# lists. ALTREP objects (compact 1:n sequences) are taken from base R only.
+RDS_CODE_TYPES <- c("3" = "a function", "4" = "an environment", "5" = "a promise",
+                    "6" = "a call", "7" = "a function", "8" = "a function",
+                    "20" = "an expression", "21" = "byte code", "22" = "an external pointer",
+                    "25" = "an S4 object", "241" = "an environment", "242" = "an environment",
+                    "247" = "a namespace", "253" = "an environment")
+
+check_plain_rds <- function(path) {
+  bytes <- readBin(path, "raw", file.size(path))
+  if (!identical(bytes[1:2], charToRaw("X\n"))) {  # compressed (saveRDS's default)
+    bytes <- tryCatch(memDecompress(bytes, type = "unknown"), error = function(e) raw())
+  }
+  pos <- 1L
+  refuse <- function(what) {
+    unsafe_checkpoint(basename(path), ": unsafe, refused to load: it holds ", what,
+                      ", which can run code when it is read; a checkpoint holds data only")
+  }
+  take <- function(n) {
+    if (n == 0) return(raw())
+    if (pos + n > length(bytes) + 1) corrupt_checkpoint(basename(path), ": cut short")
+    pos <<- pos + n
+    bytes[(pos - n):(pos - 1)]
+  }
+  int <- function() readBin(take(4), "integer", size = 4, endian = "big")
+  len <- function() {
+    n <- int()
+    if (n == -1L) n <- int() * 2^32 + int() %% 2^32  # a long vector
+    n
+  }
+  symbols <- character()
+  item <- function() {  # one serialized object; returns the names it holds
+    flags <- int()
+    type <- bitwAnd(flags, 255L)
+    if (type == 254L) return(character())  # NULL
+    if (type == 255L) {  # a reference to a symbol read before
+      index <- bitwShiftR(flags, 8L)
+      return(symbols[if (index == 0L) int() else index])
+    }
+    if (type == 1L) {  # a symbol: its name
+      name <- item()
+      symbols[[length(symbols) + 1L]] <<- name
+      return(name)
+    }
+    if (type == 9L) {  # a string; -1 is NA
+      n <- int()
+      return(if (n <= 0L) "" else rawToChar(take(n)))
+    }
+    if (type == 2L) {  # a pairlist (names and attributes): attributes, tag, value, rest
+      if (bitwAnd(flags, 512L)) item()
+      if (bitwAnd(flags, 1024L)) item()
+      return(c(item(), item()))
+    }
+    if (type == 238L) {  # ALTREP: class and package, then its state and attributes
+      info <- item()
+      if (!identical(info[2], "base")) refuse(paste0("an ALTREP object of package ", info[2]))
+      item(); item()
+      return(character())
+    }
+    size <- c("10" = 4, "13" = 4, "14" = 8, "15" = 16, "24" = 1)[as.character(type)]
+    if (!is.na(size)) {
+      take(len() * size)
+    } else if (type %in% c(16L, 19L)) {  # strings and lists: an item each
+      for (i in seq_len(len())) item()
+    } else {
+      what <- RDS_CODE_TYPES[as.character(type)]
+      refuse(if (is.na(what)) paste0("R type ", type) else what)
+    }
+    if (bitwAnd(flags, 512L)) item()  # the attributes
+    character()
+  }
+  if (!identical(take(2), charToRaw("X\n"))) refuse("a format saveRDS does not write")
+  if (int() == 3L) { take(8); take(int()) } else take(8)  # versions; v3: native encoding
+  item()
+  invisible(TRUE)
 }
 
 # Load the newest valid checkpoint and return the state it holds, or NULL (with a message)
@@ -264,7 +376,8 @@ load_latest_checkpoint <- function(directory, quarantine = TRUE) {
       verify_checkpoint(info)
       list(value = read_checkpoint_file(info$path))
     }, checkpoint_error = function(e) {
-      checkpoint_log("skipped corrupt checkpoint: ", conditionMessage(e))
+      what <- if (inherits(e, "unsafe_checkpoint_error")) "unsafe" else "corrupt"
+      checkpoint_log("skipped ", what, " checkpoint: ", conditionMessage(e))
       NULL
     })
     if (is.null(state)) {
