@@ -70,12 +70,14 @@ class StagedCheckpointManager:
     def __init__(self, directory: str | os.PathLike, local_directory: str | os.PathLike, *,
                  keep: int = 3, keep_time: int = 2, keep_epochs: int | None = None,
                  max_bytes: int | None = None, world_size: int = 1, local_keep: int = 2,
-                 copy_bytes_per_second: float | None = None):
+                 copy_bytes_per_second: float | None = None,
+                 manager_class: type = CheckpointManager):
         # The shared folder's own manager: it makes the folder, removes the temp files of
         # a copy that was killed, and resumes from (and quarantines) what is there.
-        self.shared = CheckpointManager(directory, keep=keep, keep_time=keep_time,
-                                        keep_epochs=keep_epochs, max_bytes=max_bytes,
-                                        world_size=world_size)
+        # (manager_class: a signing one, from checkpoint_signing.signing, signs both.)
+        self.shared = manager_class(directory, keep=keep, keep_time=keep_time,
+                                    keep_epochs=keep_epochs, max_bytes=max_bytes,
+                                    world_size=world_size)
         self.directory = self.shared.directory
         self.keep, self.keep_time, self.keep_epochs = keep, keep_time, keep_epochs
         self.max_bytes = max_bytes
@@ -84,8 +86,8 @@ class StagedCheckpointManager:
         if local.resolve() == self.directory.resolve():
             raise ValueError("the node-local folder must not be the shared folder")
         clear_stage(local)  # what an earlier run left on this node is not ours to copy
-        self.local = CheckpointManager(local, keep=local_keep, keep_time=local_keep,
-                                       world_size=world_size)
+        self.local = manager_class(local, keep=local_keep, keep_time=local_keep,
+                                   world_size=world_size)
         self._durable: CheckpointInfo | None = None  # the newest copy in the shared folder
         self.copy_seconds = 0.0
         self._pending: CheckpointInfo | None = None

@@ -78,6 +78,13 @@ from checkpoint_utils import (
     sha256_of_file,
 )
 
+try:  # optional: signed markers (checkpoint_signing.py beside this file)
+    import checkpoint_signing
+except ModuleNotFoundError as error:
+    if error.name != "checkpoint_signing":
+        raise
+    checkpoint_signing = None
+
 FORMAT_VERSION = 1
 MARKER_NAME = "complete.json"
 EXTRA_STATE_NAME = "extra_state.pt"
@@ -292,6 +299,9 @@ def find_latest_valid_sharded(directory: Path, *,
     for info in sorted(candidates, key=lambda i: (i.step, i.saved_at), reverse=True):
         try:
             verify_sharded_checkpoint(info)
+            if signing_key():
+                checkpoint_signing.check_marker_signature(info.path / MARKER_NAME,
+                                                          signing_key(), info.name)
             check_sharded_content(info)
         except CheckpointError as error:
             what = "unsafe" if isinstance(error, UnsafeCheckpointError) else "corrupt"
@@ -459,10 +469,25 @@ def _check_against_dcp_index(folder: Path, files: dict) -> None:
 
 
 def _marker(step: int, epoch: int, kind: str, files: dict) -> dict:
-    return {"format_version": FORMAT_VERSION, "format": "torch.distributed.checkpoint",
-            "step": step, "epoch": epoch, "kind": kind,
-            "world_size": dist.get_world_size(), "saved_at": time.time(),
-            "versions": library_versions(), "host": platform.node(), "files": files}
+    marker = {"format_version": FORMAT_VERSION, "format": "torch.distributed.checkpoint",
+              "step": step, "epoch": epoch, "kind": kind,
+              "world_size": dist.get_world_size(), "saved_at": time.time(),
+              "versions": library_versions(), "host": platform.node(), "files": files}
+    key = signing_key()
+    if key:
+        marker["signature"] = checkpoint_signing.marker_signature(marker, key)
+    return marker
+
+
+def signing_key() -> bytes | None:
+    """With checkpoint_signing.py beside this file and CHECKPOINT_KEY_FILE set, the key
+    that signs every marker and without which none is resumed from; else None."""
+    if checkpoint_signing is None:
+        if os.environ.get("CHECKPOINT_KEY_FILE"):
+            raise CheckpointError("CHECKPOINT_KEY_FILE is set, but checkpoint_signing.py is "
+                                  "not beside sharded_checkpoint.py: markers cannot be signed")
+        return None
+    return checkpoint_signing.load_signing_key()
 
 
 def _commit(temp: Path, step: int, epoch: int, kind: str, files: dict,

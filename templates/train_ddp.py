@@ -90,6 +90,7 @@ from train_with_checkpoint import (
     make_dataset,
     make_model_and_optimizer,
     parse_args,
+    signing_if_keyed,
     train_one_step,
 )
 
@@ -185,9 +186,10 @@ def make_checkpoint_manager(args, ctx: DistributedContext) -> CheckpointManager 
     """
     if not ctx.is_main:
         return None
-    return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
-                             keep_epochs=args.keep_epochs, max_bytes=args.max_bytes,
-                             world_size=ctx.world_size)
+    manager_class = signing_if_keyed(CheckpointManager)  # signed with CHECKPOINT_KEY_FILE
+    return manager_class(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
+                         keep_epochs=args.keep_epochs, max_bytes=args.max_bytes,
+                         world_size=ctx.world_size)
 
 
 def save_checkpoint(manager: CheckpointManager | None, kind: str, *,
@@ -433,7 +435,8 @@ def stage_locally(args, manager: CheckpointManager | None, ctx: DistributedConte
         return manager
     return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
                                    keep_time=args.keep_time, keep_epochs=args.keep_epochs,
-                                   max_bytes=args.max_bytes, world_size=ctx.world_size)
+                                   max_bytes=args.max_bytes, world_size=ctx.world_size,
+                                   manager_class=type(manager))
 
 
 def build_run(args, ctx: DistributedContext) -> DDPRun:

@@ -45,6 +45,7 @@ from checkpoint_utils import (
     EXIT_FINISHED,
     EXIT_PREEMPTED,
     EXIT_REQUEUED,
+    CheckpointError,
     EmergencyDeadline,
     InvalidJobIdError,
     PreemptionHandler,
@@ -67,6 +68,7 @@ from sharded_checkpoint import (
     ShardedSaver,
     remove_unfinished_sharded_saves,
     resume_sharded,
+    signing_key,
 )
 
 log = logging.getLogger("train")
@@ -349,6 +351,10 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        signing_key()  # a CHECKPOINT_KEY_FILE that cannot be used stops the job here
+    except CheckpointError as error:
+        sys.exit(f"cannot sign checkpoint markers: {error}")
     ctx = init_distributed()
     set_up_logging(ctx.rank)
     try:

@@ -72,6 +72,7 @@ storage_check = optional_extra("storage_check")
 job_context = optional_extra("job_context")
 checkpoint_staging = optional_extra("checkpoint_staging")
 checkpoint_fast = optional_extra("checkpoint_fast")
+checkpoint_signing = optional_extra("checkpoint_signing")
 # With storage_check.py, a save that fails on the storage ends the run with exit 7 and one
 # clear paragraph; without it, the OSError itself is the message.
 STORAGE_ERRORS = (storage_check.StorageUnusableError,) if storage_check else ()
@@ -251,22 +252,40 @@ def make_checkpoint_manager(args, model, optimizer):
         keep = args.keep + (args.keep_epochs or 0)  # the milestones take room too
         storage_check.check_checkpoint_storage(args.ckpt_dir, expected, keep=keep,
                                                keep_time=keep_time)
-    if args.async_save:
-        if checkpoint_fast is None:
-            sys.exit("--async-save needs checkpoint_fast.py beside this script")
-        return checkpoint_fast.FastCheckpointManager(
-            args.ckpt_dir, keep=args.keep, keep_time=args.keep_time, keep_epochs=args.keep_epochs,
-            max_bytes=args.max_bytes)
-    if not args.local_stage_dir:
-        return CheckpointManager(args.ckpt_dir, keep=args.keep, keep_time=args.keep_time,
-                                 keep_epochs=args.keep_epochs, max_bytes=args.max_bytes)
+    if args.async_save and checkpoint_fast is None:
+        sys.exit("--async-save needs checkpoint_fast.py beside this script")
+    manager_class = signing_if_keyed(
+        checkpoint_fast.FastCheckpointManager if args.async_save else CheckpointManager)
+    options = dict(keep=args.keep, keep_time=args.keep_time, keep_epochs=args.keep_epochs,
+                   max_bytes=args.max_bytes)
+    if args.async_save or not args.local_stage_dir:
+        return manager_class(args.ckpt_dir, **options)
     if checkpoint_staging is None:
         sys.exit("--local-stage-dir needs checkpoint_staging.py beside this script")
     if storage_check:
         storage_check.check_checkpoint_storage(args.local_stage_dir, expected, keep=2)
     return checkpoint_staging.StagedCheckpointManager(
-        args.ckpt_dir, args.local_stage_dir, keep=args.keep, keep_time=args.keep_time,
-        keep_epochs=args.keep_epochs, max_bytes=args.max_bytes)
+        args.ckpt_dir, args.local_stage_dir, manager_class=manager_class, **options)
+
+
+def signing_if_keyed(manager_class: type) -> type:
+    """``manager_class``, signing its markers when CHECKPOINT_KEY_FILE names a key (with
+    checkpoint_signing.py beside this script); said once when they are not signed."""
+    if checkpoint_signing is None:
+        if os.environ.get("CHECKPOINT_KEY_FILE"):
+            sys.exit("CHECKPOINT_KEY_FILE is set: copy checkpoint_signing.py beside this "
+                     "script, or the markers cannot be signed")
+        return manager_class
+    try:
+        key = checkpoint_signing.load_signing_key()
+    except checkpoint_signing.SigningKeyError as error:
+        sys.exit(f"cannot sign checkpoint markers: {error}")
+    if key is None:
+        logging.getLogger("train").info("checkpoint markers are not signed (set "
+                                        "CHECKPOINT_KEY_FILE to sign them: see "
+                                        "checkpoint_signing.py)")
+        return manager_class
+    return checkpoint_signing.signing(manager_class, key)
 
 
 def storage_errors_explained(manager, *, step: int, epoch: int, kind: str, state=None):

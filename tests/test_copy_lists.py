@@ -25,8 +25,15 @@ def imported_course_modules(module: str) -> tuple[set[str], set[str]]:
     """(imported for sure, switched on when present) course modules of one file."""
     tree = ast.parse((TEMPLATES / f"{module}.py").read_text())
     hard, optional = set(), set()
+    # `try: import x / except ModuleNotFoundError: x = None` switches x on when present.
+    tolerated = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.Try)
+                 and any(getattr(h.type, "id", "") in ("ModuleNotFoundError", "ImportError")
+                         for h in node.handlers)
+                 for statement in node.body for inner in ast.walk(statement)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Import) and id(node) in tolerated:
+            optional |= {alias.name for alias in node.names if alias.name in COURSE_MODULES}
+        elif isinstance(node, ast.Import):
             hard |= {alias.name for alias in node.names if alias.name in COURSE_MODULES}
         elif isinstance(node, ast.ImportFrom) and node.module in COURSE_MODULES:
             hard.add(node.module)

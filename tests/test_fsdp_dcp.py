@@ -358,6 +358,33 @@ def test_the_load_itself_refuses_what_verification_would(tmp_path):
     assert not sentinel.exists()
 
 
+def test_signed_markers_refuse_a_rewritten_or_unsigned_checkpoint(reference, tmp_path,
+                                                                   monkeypatch, caplog):
+    """With CHECKPOINT_KEY_FILE (and checkpoint_signing.py beside the kit), rank 0 signs
+    each marker; a folder whose files were changed and re-hashed without the key, or one
+    with no signature, is skipped as unsafe."""
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    monkeypatch.setenv("CHECKPOINT_KEY_FILE", str(key))
+    ckpt = tmp_path / "ckpt"
+    run = launch(2, train_args(ckpt, steps=2 * SAVE_EVERY))
+    assert run.exit_codes == [0, 0], run.describe()
+    newest = ckpt / sc.checkpoint_folder_name(2 * SAVE_EVERY)
+    assert "signature" in json.loads((newest / sc.MARKER_NAME).read_text())
+    extra = newest / sc.EXTRA_STATE_NAME
+    torch.save({**torch.load(extra, weights_only=True), "planted": 1}, extra)
+    remark(newest, sc.EXTRA_STATE_NAME)
+    with monkeypatch.context() as without_key:
+        without_key.delenv("CHECKPOINT_KEY_FILE")
+        assert sc.find_latest_valid_sharded(ckpt).step == 2 * SAVE_EVERY  # passes unsigned
+    with caplog.at_level(logging.WARNING, logger="checkpoint"):
+        assert sc.find_latest_valid_sharded(ckpt).step == SAVE_EVERY
+        unsigned = copy_checkpoints(reference, tmp_path / "unsigned")
+        assert sc.find_latest_valid_sharded(unsigned) is None
+    assert "signature does not match" in caplog.text and "not signed" in caplog.text
+
+
 # --------------------------------------------------------------------------- preemption
 def test_sigusr1_to_one_rank_resumes_bitwise_identical(reference, tmp_path):
     """SIGUSR1 reaches rank 1 only (rank 0 prints): both ranks save the same step with

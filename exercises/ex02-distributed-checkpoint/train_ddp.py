@@ -93,6 +93,7 @@ from train_with_checkpoint import (
     make_dataset,
     make_model_and_optimizer,
     parse_args,
+    signing_if_keyed,
     train_one_step,
 )
 
@@ -402,7 +403,8 @@ def stage_locally(args, manager: CheckpointManager | None, ctx: DistributedConte
         return manager
     return StagedCheckpointManager(args.ckpt_dir, args.local_stage_dir, keep=args.keep,
                                    keep_time=args.keep_time, keep_epochs=args.keep_epochs,
-                                   max_bytes=args.max_bytes, world_size=ctx.world_size)
+                                   max_bytes=args.max_bytes, world_size=ctx.world_size,
+                                   manager_class=type(manager))
 
 
 def build_run(args, ctx: DistributedContext) -> DDPRun:

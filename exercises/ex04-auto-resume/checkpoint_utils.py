@@ -162,8 +162,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def check_compatible(self, saved: dict) -> None:
         """Warn when the data order of a resumed run cannot match the saved one."""
-        mine = self.state_dict()
-        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in self.state_dict().items() if saved.get(k) != v}
         if changed:
             log.warning("data order differs from the checkpoint's (saved, now): %s; the resumed"
                         " run will not see the batches of the original run", changed)
@@ -380,8 +379,7 @@ def load_verified_checkpoint(info: CheckpointInfo) -> dict:
     return load_checkpoint_file(info.path)
 
 
-# What torch's weights_only loader says of what it will not run: "unsupported GLOBAL
-# posix.system whose module posix is blocked", "Can only build ...", "call reduce for ...".
+# What torch's weights_only loader says of what it will not run ("... GLOBAL posix.system").
 _UNSAFE_CONTENT = re.compile(r"\bGLOBAL [\w.]+|Can only (create new object|build)|"
                              r"call reduce for unrecognized function")
 
@@ -476,9 +474,8 @@ class SaveSchedule:
     def __init__(self, *, every_steps: int | None = None, every_epochs: int | None = None,
                  every_seconds: float | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.every_steps, self.every_epochs, self.every_seconds = (every_steps, every_epochs,
-                                                                    every_seconds)
-        self.clock, self.last_save = clock, clock()
+        self.every_steps, self.every_epochs = every_steps, every_epochs
+        self.every_seconds, self.clock, self.last_save = every_seconds, clock, clock()
 
     def due(self, *, step: int, epoch: int, epoch_finished: bool) -> str | None:
         """The kind of checkpoint due now ("epoch", "step" or "time"), or None."""
@@ -550,7 +547,8 @@ class CheckpointManager:
         state = {**state, "meta": self._meta(step, epoch, kind, saved_at)}
         digest, size = self._write_file(path, state)
         # The marker is written last: it is the proof that the file above is complete.
-        atomic_write_json(marker_path(path), {**state["meta"], "sha256": digest, "size": size})
+        marker = self._marker({**state["meta"], "sha256": digest, "size": size})
+        atomic_write_json(marker_path(path), marker)
         update_last_pointer(self.directory, name)
         info = CheckpointInfo(path=path, step=step, epoch=epoch, kind=kind,
                               saved_at=saved_at, sha256=digest, size=size)
@@ -565,6 +563,9 @@ class CheckpointManager:
 
     def _write_file(self, path: Path, state: dict) -> tuple[str, int]:
         return atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+    def _marker(self, meta: dict) -> dict:  # checkpoint_signing.SigningMixin signs it
+        return meta
 
     def _load_verified(self, info: CheckpointInfo) -> dict:
         return load_verified_checkpoint(info)
