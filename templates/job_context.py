@@ -63,21 +63,67 @@ def signal_directive(script: str) -> tuple[str, bool, int] | None:
     return match[2], bool(match[1]), int(match[3] or 60)  # Slurm's default lead is 60 s
 
 
+def signal_route_problem(script: str, environ: dict | None = None) -> str | None:
+    """Why the warning signal that the batch ``script`` asks for cannot reach this process,
+    with the fix that fits the script; None when it can, or when there is no --signal.
+
+    Where Slurm sends it: without B: to the job steps (processes started by srun), with B:
+    to the batch shell only. A batch shell passes nothing on by itself, and bash runs a
+    trap only once a foreground child has ended."""
+    found = signal_directive(script)
+    if found is None:
+        return None
+    name, to_batch, lead = found
+    env = os.environ if environ is None else environ
+    in_step = "SLURM_STEP_ID" in env  # srun sets it; the batch script itself has none
+    trap = re.search(rf"^\s*trap\s.*\b(SIG)?{name}\b", script, re.M)
+    code = "\n".join(line.split("#")[0] for line in script.splitlines()[1:])  # no comments
+    background = re.search(r"&\s*$", code, re.M) and re.search(r"\bwait\b", code)
+    forward = f"\"trap 'kill -{name} $pid' {name}\" and 'wait $pid'"
+    if not to_batch and not in_step:
+        return (f"SIG{name} goes to job steps only (--signal without B:), and this process "
+                f"is not in one (it was not started by srun): it will never arrive. Fix: "
+                f"'#SBATCH --signal=B:{name}@{lead}' and 'exec python ...' (or 'python ... "
+                f"&' with {forward}), or start it with 'srun python ...'")
+    if to_batch and in_step and not (trap and background):
+        return (f"SIG{name} goes to the batch shell only (B:), and this process runs in an "
+                f"srun step that the shell does not signal. Fix: '#SBATCH --signal="
+                f"{name}@{lead}' (no B:, so Slurm signals the step), or 'srun ... &', "
+                f"'pid=$!' and {forward}")
+    if to_batch and not in_step and not _started_by_exec() and not (trap and background):
+        return (f"SIG{name} goes to the batch shell, which does not pass it on to this "
+                f"process ({'training runs in the foreground' if trap else f'no trap for {name}'}"
+                f"). Fix: start it with 'exec python ...', or with 'python ... &', 'pid=$!' "
+                f"and {forward}")
+    return None
+
+
+def _started_by_exec() -> bool:
+    """True when this process took the batch shell's place (``exec python ...``): its
+    parent is then Slurm's step daemon, not the shell."""
+    try:
+        return Path(f"/proc/{os.getppid()}/comm").read_text().strip() == "slurmstepd"
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- job context
-def describe_signal_settings(job_id: str) -> str:
+def describe_signal_settings(job_id: str) -> tuple[str, str | None]:
     """The warning signal the job asked for, read from its batch script (Slurm has no
-    command that shows it), or why it cannot be known."""
+    command that shows it), or why it cannot be known; and why it cannot reach this
+    process (``signal_route_problem``), or None."""
     try:
         script = slurm_command("scontrol", "write", "batch_script", job_id, "-")
     except SlurmCommandError as error:
-        return f"unknown ({error})"
+        return f"unknown ({error})", None
     found = signal_directive(script)
     if found is None:
         return ("no #SBATCH --signal line in the batch script: no warning before the time "
-                "limit (unless --signal was given on the sbatch command line)")
+                "limit (unless --signal was given on the sbatch command line)"), None
     name, to_batch, lead = found
     return (f"SIG{name} {lead} s before the time limit, to "
-            f"{'the batch shell (B:)' if to_batch else 'every job step'}")
+            f"{'the batch shell (B:)' if to_batch else 'every job step'}",
+            signal_route_problem(script))
 
 
 def read_job_context(ckpt_dir: str | os.PathLike, environ: dict | None = None) -> dict:
@@ -106,7 +152,7 @@ def read_job_context(ckpt_dir: str | os.PathLike, environ: dict | None = None) -
         context["time_limit"] = f"{limit}, {left} left"
     except (SlurmCommandError, ValueError) as error:
         context["time_limit"] = f"unknown ({error or 'squeue did not list the job'})"
-    context["signal"] = describe_signal_settings(job_id)
+    context["signal"], context["signal_problem"] = describe_signal_settings(job_id)
     return context
 
 
@@ -133,4 +179,7 @@ def log_job_context(ckpt_dir: str | os.PathLike, environ: dict | None = None,
         return context
     lines = [f"{label + ':':<19}{context[key]}" for key, label in JOB_CONTEXT_LABELS.items()]
     logger.info("job context\n    %s", "\n    ".join(lines))
+    if context.get("signal_problem"):
+        logger.warning("the warning signal cannot reach this process: %s",
+                       context["signal_problem"])
     return context

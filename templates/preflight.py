@@ -45,14 +45,15 @@ def report(status: str, check: str, detail: str) -> None:
     print(f"{status:4}  {check}: {detail}", flush=True)
 
 
-def check_job(job_id: str) -> str:
+def check_job(job_id: str) -> tuple[str, dict]:
+    """The job's batch script and its context (see job_context.read_job_context)."""
     context = read_job_context(".")
     report("PASS", "job", f"{job_id} on {context['host']}, restart "
            f"{context['restart_count']}, time limit {context['time_limit']}")
-    return scontrol("write", "batch_script", job_id, "-") or ""
+    return scontrol("write", "batch_script", job_id, "-") or "", context
 
 
-def check_directives(script: str) -> tuple[str, bool, int] | None:
+def check_directives(script: str, job_id: str, problem: str | None):
     found = signal_directive(script)
     if found is None:
         report("FAIL", "--signal", "no '#SBATCH --signal=B:USR1@<seconds>' (or without B: "
@@ -60,13 +61,24 @@ def check_directives(script: str) -> tuple[str, bool, int] | None:
     else:
         name, batch, lead = found
         report("PASS", "--signal", f"SIG{name} {lead} s before the limit, to "
-               f"{'the batch shell (B:)' if batch else 'the srun steps'}")
-    for flag, why in (("--requeue", "the job cannot be requeued"),
-                      ("--open-mode=append", "each requeued run truncates the output file")):
-        if re.search(rf"^#SBATCH\s+{re.escape(flag)}", script, re.M):
-            report("PASS", flag, "set")
-        else:
-            report("WARN", flag, f"not set: {why}")
+               f"{'the batch shell (B:)' if batch else 'job steps (srun) only'}")
+        report("FAIL" if problem else "PASS", "signal route",
+               problem or "this process is where that signal goes, or it is passed on")
+    # What the job really has: the cluster's JobRequeue default applies without the flag.
+    requeue = re.search(r"\bRequeue=(\d)", scontrol("show", "job", "-o", job_id) or "")
+    in_script = re.search(r"^#SBATCH\s+--requeue", script, re.M)
+    if requeue and requeue[1] == "1":
+        report("PASS", "--requeue", "set" if in_script else
+               "not in the script, but the job can be requeued (Requeue=1: the cluster's "
+               "JobRequeue default); add '#SBATCH --requeue' so that it does not depend on it")
+    else:
+        report("WARN", "--requeue", "the job cannot be requeued (Requeue=0): add "
+               "'#SBATCH --requeue'")
+    if re.search(r"^#SBATCH\s+--open-mode=append", script, re.M):
+        report("PASS", "--open-mode=append", "set")
+    else:
+        report("WARN", "--open-mode=append", "not set: each requeued run truncates the "
+               "output file")
     return found
 
 
@@ -89,20 +101,25 @@ def check_storage_and_save_time(ckpt_dir: Path, state_mb: float, keep: int, lead
            "(keep the save under a third of it)")
 
 
-def check_signal_arrives(job_id: str, name: str, to_batch: bool, wait: float) -> None:
+def check_signal_arrives(job_id: str, name: str, to_batch: bool, wait: float,
+                         problem: str | None) -> None:
     with PreemptionHandler() as handler:
         command = ["scancel", f"--signal={name}", job_id] + (["--batch"] if to_batch else [])
         subprocess.run(command, capture_output=True, timeout=30)
         deadline = time.monotonic() + wait
         while not handler.requested and time.monotonic() < deadline:
             time.sleep(0.05)
-    if handler.requested:
+    if handler.requested and handler.signal_name == f"SIG{name}":
         report("PASS", "signal delivery", f"{handler.signal_name} reached this process")
+    elif handler.requested:
+        report("FAIL", "signal delivery", f"{handler.signal_name} came instead of SIG{name}: "
+               f"the batch shell died of SIG{name} and Slurm ended the job. "
+               + (problem or "Pass the signal on from the batch shell with a trap"))
     else:
         report("FAIL", "signal delivery", f"SIG{name} sent with {' '.join(command)} did not "
-               f"arrive within {wait:g} s. Run training in the background and `wait` for it "
-               "in the batch shell, forward the signal with a trap, and note that torchrun "
-               "does not forward SIGUSR1/SIGUSR2")
+               f"arrive within {wait:g} s. " + (problem or "Between the batch shell or srun "
+               "and this process something does not pass it on: a launcher (torchrun passes "
+               "on SIGTERM, not SIGUSR1/SIGUSR2), a container runtime, or a wrapper script"))
 
 
 def main(argv=None) -> int:
@@ -122,10 +139,11 @@ def main(argv=None) -> int:
                "training cannot requeue itself; let the batch script requeue on exit 75")
         return 1
     report("PASS", "scontrol", shutil.which("scontrol"))
-    found = check_directives(check_job(job_id))
+    script, context = check_job(job_id)
+    found = check_directives(script, job_id, context.get("signal_problem"))
     name, to_batch, lead = found or ("USR1", True, 60)
     check_storage_and_save_time(Path(args.ckpt_dir), args.state_mb, args.keep, lead)
-    check_signal_arrives(job_id, name, to_batch, args.wait)
+    check_signal_arrives(job_id, name, to_batch, args.wait, context.get("signal_problem"))
     failed = [check for status, check, _ in results if status == "FAIL"]
     print(f"preflight: {len(results)} checks, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else ""), flush=True)

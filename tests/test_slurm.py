@@ -276,9 +276,9 @@ def test_preflight_passes_in_the_templates(sbatch, slurm, tmp_path):
     assert "0 failed" in output
 
 
-def test_preflight_catches_a_foreground_child_and_a_missing_signal(slurm, tmp_path):
+def test_preflight_catches_a_missing_signal(slurm, tmp_path):
     project = user_project(tmp_path, *copy_set("preflight"))
-    script = project / "foreground.sbatch"
+    script = project / "nosignal.sbatch"
     script.write_text("#!/bin/bash\n#SBATCH --output=%x-%j.out\n"
                       "trap 'kill -USR1 $(pgrep -f preflight.py)' USR1\n"
                       "python preflight.py --state-mb 1 --wait 3\n")
@@ -287,7 +287,75 @@ def test_preflight_catches_a_foreground_child_and_a_missing_signal(slurm, tmp_pa
     output = (project / f"preflight-{job_id}.out").read_text()
     assert job["JobState"] == "FAILED", output
     assert "FAIL  --signal:" in output and "FAIL  signal delivery:" in output
-    assert "2 failed" in output
+
+
+PREFLIGHT = "python preflight.py --state-mb 1 --wait 3"
+FORWARD = f"{PREFLIGHT} &\npid=$!\ntrap 'kill -USR2 $pid' USR2\nwait $pid\nwait $pid\n"
+SRUN_FORWARD = FORWARD.replace("python", "srun python")
+# How public guides write the launch, as (signal line, body), each with the words the
+# preflight must name, and the file with that advice applied, which must pass.
+LAUNCH_FORMS = {
+    "no B:, python in the foreground": (
+        ("USR2@60", f"{PREFLIGHT}\n"), ["--signal=B:USR2@60", "srun python"],
+        ("B:USR2@60", f"exec {PREFLIGHT}\n")),
+    "no B:, background with trap and wait": (
+        ("USR2@60", FORWARD), ["job steps only", "--signal=B:USR2@60"],
+        ("B:USR2@60", FORWARD)),
+    "B:, python in the foreground behind a trap": (
+        ("B:USR2@60", f"trap 'kill -USR2 $(pgrep -f preflight.py)' USR2\n{PREFLIGHT}\n"),
+        ["training runs in the foreground", "exec python"],
+        ("B:USR2@60", f"exec {PREFLIGHT}\n")),
+    "B:, python in the foreground, no trap": (
+        ("B:USR2@60", f"{PREFLIGHT}\n"), ["no trap for USR2", "exec python"],
+        ("B:USR2@60", FORWARD)),
+    "B:, srun in the foreground": (
+        ("B:USR2@60", f"srun {PREFLIGHT}\n"), ["srun step", "--signal=USR2@60"],
+        ("USR2@60", f"srun {PREFLIGHT}\n")),
+    "B:, srun in the background without a trap": (
+        ("B:USR2@60", f"srun {PREFLIGHT} &\nwait\n"), ["srun step", "trap 'kill -USR2"],
+        ("B:USR2@60", SRUN_FORWARD)),
+}
+
+
+def preflight_job(slurm, project: Path, name: str, signal_line: str, body: str) -> str:
+    script = project / f"{name}.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --output=%x-%j.out\n#SBATCH --signal={signal_line}"
+                      f"\n#SBATCH --requeue\n#SBATCH --open-mode=append\n{body}")
+    job_id = slurm.submit(script, project, f"--job-name={name}")
+    slurm.wait_final(job_id)
+    return (project / f"{name}-{job_id}.out").read_text()
+
+
+@pytest.mark.parametrize("form", LAUNCH_FORMS)
+def test_preflight_names_the_fix_for_each_launch_form_and_the_fix_passes(form, slurm,
+                                                                        tmp_path):
+    broken, advice, fixed = LAUNCH_FORMS[form]
+    project = user_project(tmp_path, *copy_set("preflight"))
+    output = preflight_job(slurm, project, "broken", *broken)
+    # The live check fails too, or the job dies of the signal before it can say so.
+    assert "FAIL  signal route:" in output and "PASS  signal delivery" not in output, output
+    route = next(line for line in output.splitlines() if "signal route:" in line)
+    for words in advice:
+        assert words in route, f"{form}: the advice does not say {words!r}:\n{route}"
+    output = preflight_job(slurm, project, "fixed", *fixed)
+    assert "PASS  signal route:" in output and "PASS  signal delivery:" in output, output
+    assert "0 failed" in output, output
+
+
+def test_a_training_job_says_at_start_up_that_its_signal_cannot_arrive(slurm, tmp_path):
+    """A public guide's shape (--signal without B:, python run in the batch script): the
+    job's first lines say that the warning will never reach it, and what to change."""
+    project = user_project(tmp_path, *KIT)
+    script = project / "guide.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --output=%x-%j.out\n#SBATCH --signal=USR2@60\n"
+                      "python train_with_checkpoint.py --steps 5 --ckpt-dir checkpoints\n")
+    job_id = slurm.submit(script, project, "--job-name=guide")
+    job = slurm.wait_final(job_id)
+    output = (project / f"guide-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", output
+    assert "the warning signal cannot reach this process: SIGUSR2 goes to job steps only" \
+        in output, output
+    assert "--signal=B:USR2@60" in output and "srun python" in output
 
 
 # ------------------------------------------------------------------ exercise jobs

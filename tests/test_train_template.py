@@ -77,3 +77,34 @@ def test_job_id_with_shell_metacharacters_is_refused(fake_scontrol, tmp_path, py
     assert not record.exists() and not sentinel.exists()
     assert not any(line.startswith("Traceback") for line in attempt.output)
 
+
+
+def test_a_killed_run_keeps_every_line_it_printed(tmp_path, python_exe):
+    """Output to a file is block-buffered unless PYTHONUNBUFFERED is set: a job killed at
+    its time limit would lose its last lines. Every line must be in the file as soon as it
+    is printed, so the file is read while the run goes on, then the run is killed."""
+    import subprocess
+    import time
+    env = outside_slurm()
+    env.pop("PYTHONUNBUFFERED", None)
+    log = tmp_path / "job.out"
+    for name in ("train_with_checkpoint.py", "checkpoint_utils.py"):  # no extra logs lines
+        (tmp_path / name).write_bytes((TEMPLATES / name).read_bytes())
+    with open(log, "w") as out:
+        run = subprocess.Popen([python_exe, "train_with_checkpoint.py", "--ckpt-dir", "ckpt",
+                                "--steps", "100000", "--log-every", "1",
+                                "--simulate-step-seconds", "0.1",
+                                "--save-every-steps", "1000000"],
+                               cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            # 5 lines, about 500 bytes: a buffer of 8 kB would hold them for 10 s or more.
+            deadline = time.monotonic() + 8
+            while "step 5/" not in log.read_text() and time.monotonic() < deadline:
+                assert run.poll() is None, log.read_text()
+                time.sleep(0.1)
+        finally:
+            run.kill()
+            run.wait()
+    text = log.read_text()
+    assert "step 5/" in text, f"the progress lines did not reach the file at once:\n{text}"
+    assert "[checkpoint]" in text or "no checkpoint" in text, text

@@ -267,11 +267,22 @@ RDS_CODE_TYPES <- c("3" = "a function", "4" = "an environment", "5" = "a promise
                     "25" = "an S4 object", "241" = "an environment", "242" = "an environment",
                     "247" = "a namespace", "253" = "an environment")
 
-check_plain_rds <- function(path) {
-  bytes <- readBin(path, "raw", file.size(path))
-  if (!identical(bytes[1:2], charToRaw("X\n"))) {  # compressed (saveRDS's default)
-    bytes <- tryCatch(memDecompress(bytes, type = "unknown"), error = function(e) raw())
+# The bytes of a file as saveRDS wrote them, gzip, bzip2 or xz compressed or not (gzfile
+# reads them all; a file cut short gives what was there, not memDecompress's endless loop).
+read_decompressed <- function(path) {
+  con <- gzfile(path, "rb")
+  on.exit(close(con))
+  chunks <- list()
+  repeat {
+    chunk <- suppressWarnings(readBin(con, "raw", 16777216L))
+    if (length(chunk) == 0L) break
+    chunks[[length(chunks) + 1L]] <- chunk
   }
+  do.call(c, c(list(raw()), chunks))
+}
+
+check_plain_rds <- function(path) {
+  bytes <- read_decompressed(path)
   pos <- 1L
   refuse <- function(what) {
     unsafe_checkpoint(basename(path), ": unsafe, refused to load: it holds ", what,
@@ -330,7 +341,9 @@ check_plain_rds <- function(path) {
     if (bitwAnd(flags, 512L)) item()  # the attributes
     character()
   }
-  if (!identical(take(2), charToRaw("X\n"))) refuse("a format saveRDS does not write")
+  if (!identical(take(2), charToRaw("X\n"))) {
+    corrupt_checkpoint(basename(path), ": not a file saveRDS writes (no XDR header)")
+  }
   if (int() == 3L) { take(8); take(int()) } else take(8)  # versions; v3: native encoding
   item()
   invisible(TRUE)
