@@ -388,6 +388,27 @@ def test_malformed_pickle_is_corrupt_without_torchs_advice(learner, tmp_path):
 
 
 @pytest.mark.task(4)
+@pytest.mark.parametrize("kept", [0.5, 0.9, 200], ids=["half", "most", "200-bytes"])
+def test_a_checkpoint_cut_short_raises_corrupt_checkpoint_error(learner, tmp_path, kept):
+    """a checkpoint cut short (a kill during a save, a full disk) raises
+    CorruptCheckpointError, whatever torch raises for it"""
+    path = tmp_path / "cut.pt"
+    torch.save({"model": {"w": torch.randn(64, 64)}, "step": 3}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * kept) if kept < 1 else kept])
+    try:
+        learner.load_checkpoint_file(path)
+    except learner.CorruptCheckpointError:
+        return
+    except Exception as error:  # noqa: BLE001 - named for the learner below
+        pytest.fail(f"a checkpoint cut short raised {type(error).__name__}: {error}; torch "
+                    "raises other errors than UnpicklingError for a damaged file (a "
+                    "RuntimeError for a cut zip archive): catch them all and raise "
+                    "CorruptCheckpointError, so that load_latest falls back to an older one")
+    pytest.fail("a checkpoint cut short loaded without an error")
+
+
+@pytest.mark.task(4)
 def test_garbage_file_raises_corrupt_checkpoint_error(learner, tmp_path):
     """a file that is not a checkpoint raises CorruptCheckpointError"""
     path = tmp_path / "garbage.pt"

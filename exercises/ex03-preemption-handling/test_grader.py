@@ -166,6 +166,24 @@ def test_every_preemption_signal_sets_the_flag(task_kit, safe_signals):
 
 
 @pytest.mark.task(1)
+def test_the_handler_stays_for_a_second_signal(task_kit, safe_signals):
+    """after one signal the handler is still installed: a second one is caught too"""
+    for sig in PREEMPTION_SIGNALS:
+        handler = task_kit.PreemptionHandler()
+        handler.install()
+        try:
+            send_to_myself(sig)
+            now = signal.getsignal(sig)
+            assert now not in (signal.SIG_DFL, None), (
+                f"after one {sig.name} the handler for {sig.name} is {now!r}: a second "
+                f"{sig.name} would kill the process with nothing saved. Two come 50 ms apart "
+                "whenever the batch shell forwards Slurm's signal and Slurm sends it too: "
+                "leave the handler installed (_handle only records the signal)")
+        finally:
+            handler.uninstall()
+
+
+@pytest.mark.task(1)
 def test_handler_does_nothing_but_set_the_flag(task_kit, safe_signals, capfd, caplog):
     """the handler prints nothing, logs nothing and raises nothing"""
     handler = task_kit.PreemptionHandler()

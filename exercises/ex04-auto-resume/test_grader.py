@@ -187,6 +187,17 @@ def test_every_kind_is_listed_by_the_step_in_its_marker(task_kit, reference, tmp
 
 
 @pytest.mark.task(2)
+def test_steps_order_as_numbers_across_a_digit_boundary(task_kit, reference, tmp_path):
+    """steps 998 to 1001 are listed as numbers: 1000 comes after 999"""
+    saved = save_checkpoints(reference, tmp_path, [("step", s, 1) for s in (998, 999, 1000, 1001)])
+    found = listed(task_kit, tmp_path)
+    assert found == sorted(saved), (
+        f"list_checkpoints returned {found}: compare the steps as numbers (int), not as text; "
+        "as text '1000' sorts before '999', and a run past step 999 would resume from an "
+        "older checkpoint")
+
+
+@pytest.mark.task(2)
 def test_file_times_do_not_change_the_order(task_kit, reference, tmp_path):
     """file times that run backwards do not change the order"""
     saved = save_checkpoints(reference, tmp_path, every_100_steps())
@@ -548,6 +559,18 @@ def test_timer_checkpoints_rotate_on_their_own(task_kit, reference, tmp_path):
           "with step_ checkpoints at 100..400 and time_ ones at 150..450, after "
           "rotate_checkpoints(keep=2, keep_time=1)", "Rotate the `time` kind on its own: "
           "frequent timer saves must not push out the step checkpoints")
+
+
+@pytest.mark.task(4)
+def test_keep_time_zero_the_default_keeps_no_timer_checkpoint(task_kit, reference, tmp_path):
+    """with keep_time=0, the default, every timer checkpoint is rotated away"""
+    plan = [("time", 150, 1), ("time", 250, 1), ("step", 300, 1), ("step", 400, 1)]
+    save_checkpoints(reference, tmp_path, plan)
+    found, _ = rotate(task_kit, tmp_path, keep=2)
+    keeps(found, pairs(name(300), name(400)),
+          "with time_ checkpoints at 150 and 250 and step_ ones at 300 and 400, after "
+          "rotate_checkpoints(keep=2) (keep_time=0, the default)", "keep_time=0 keeps none: "
+          "beware that a list[:-0] is empty, not the whole list")
 
 
 @pytest.mark.task(4)
