@@ -43,9 +43,16 @@ test: setup  ## the whole test suite (installs what it needs first)
 test-fast: setup  ## unit tests only, no processes started
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-grade: setup  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.json] [TASK=2]
+# Grading installs only what the exercise needs (the PyTorch kit and pytest, and R or
+# Octave for those tracks), not all of `make setup`. A partial score is a score, not a
+# failure of make: the exit code contract (0 only at full marks) stays with
+# scripts/grade.py, which scripts, job files and CI call directly.
+GRADE_NEEDS = $(if $(filter r-%,$(EX)),r,$(if $(filter matlab-%,$(EX)),octave))
+grade:  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.json] [TASK=2]
+	@scripts/install-debian-packages $(GRADE_NEEDS) || [ $$? -eq 3 ]
+	@scripts/setup-venv test
 	@$(PY) scripts/grade.py $(EX) $(if $(FILE),--file $(FILE)) $(if $(JSON),--json $(JSON)) \
-		$(if $(TASK),--task $(TASK))
+		$(if $(TASK),--task $(TASK)) || [ $$? -eq 1 ]
 
 starters:  ## regenerate the exercise starters from the templates
 	@$(PY) scripts/make_starters.py

@@ -289,7 +289,7 @@ def starters_for(exercise: dict) -> list[tuple[Path, str]]:
             header = (f"% Exercise {exercise['folder'].name}, task {task['number']}: write "
                       f"this function in place of the error() below.\n% Generated from "
                       f"{source.relative_to(REPO)} by scripts/make_starters.py. Grade "
-                      f"with: make grade EX={exercise['name']}\n")
+                      f"from the repository's top folder: make grade EX={exercise['name']}\n")
             one = {**task, "functions": [name]}
             starters.append((exercise["folder"] / f"{name}.m", make_starter(
                 source.read_text(), [one], header, exercise["language"])))
@@ -305,7 +305,7 @@ def starter_for(exercise: dict) -> tuple[Path, str]:
     header = (f"# Exercise {exercise['folder'].name}: your file. Generated from "
               f"{exercise['template']} by scripts/make_starters.py.\n"
               f"# Implement {rules.unfinished} (README.md lists the "
-              "tasks),\n# then grade your work with: make grade EX="
+              "tasks),\n# then grade it from the repository's top folder: make grade EX="
               f"{exercise['name']}\n")
     return exercise["folder"] / exercise["starter"], make_starter(
         template.read_text(), exercise["tasks"], header, exercise["language"])

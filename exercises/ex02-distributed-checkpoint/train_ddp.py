@@ -1,6 +1,6 @@
 # Exercise ex02-distributed-checkpoint: your file. Generated from templates/train_ddp.py by scripts/make_starters.py.
 # Implement the functions that raise NotImplementedError (README.md lists the tasks),
-# then grade your work with: make grade EX=ex02
+# then grade it from the repository's top folder: make grade EX=ex02
 """The training run of train_with_checkpoint.py on several ranks with DistributedDataParallel,
 with the same checkpoints, signals and exit codes: interrupted and resumed, it ends
 bitwise identical to a run that was never interrupted.

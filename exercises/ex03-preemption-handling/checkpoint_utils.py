@@ -1,6 +1,6 @@
 # Exercise ex03-preemption-handling: your file. Generated from templates/checkpoint_utils.py by scripts/make_starters.py.
 # Implement the functions that raise NotImplementedError (README.md lists the tasks),
-# then grade your work with: make grade EX=ex03
+# then grade it from the repository's top folder: make grade EX=ex03
 """Checkpointing for long PyTorch jobs on Slurm: survive wall-time limits, preemption,
 crashes and kills, and resume to exactly the run you would have had without them.
 

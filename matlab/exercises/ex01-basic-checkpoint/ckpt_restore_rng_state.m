@@ -4,7 +4,7 @@ function ckpt_restore_rng_state(state)
 %   ckpt_restore_rng_state(checkpoint.rng)
 
   % Exercise ex01-basic-checkpoint, task 2: write this function in place of the error() below.
-  % Generated from matlab/ckpt_restore_rng_state.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex01
+  % Generated from matlab/ckpt_restore_rng_state.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex01
   error('ckpt:todo', 'TODO: Task 2: Restore it, draw for draw (see README.md)');
 end
 

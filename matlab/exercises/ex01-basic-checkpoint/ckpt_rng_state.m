@@ -8,7 +8,7 @@ function state = ckpt_rng_state()
 %   global: save its State property with it.
 
   % Exercise ex01-basic-checkpoint, task 1: write this function in place of the error() below.
-  % Generated from matlab/ckpt_rng_state.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex01
+  % Generated from matlab/ckpt_rng_state.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex01
   error('ckpt:todo', 'TODO: Task 1: Capture the RNG state (see README.md)');
 end
 

@@ -22,7 +22,7 @@ function info = ckpt_save(folder, checkpoint, step, kind)
 %   Only one process may save into a folder.
 
   % Exercise ex01-basic-checkpoint, task 4: write this function in place of the error() below.
-  % Generated from matlab/ckpt_save.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex01
+  % Generated from matlab/ckpt_save.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex01
   error('ckpt:todo', 'TODO: Task 4: Save: temp file, rename, marker last (see README.md)');
 end
 

@@ -5,7 +5,7 @@ function ckpt_write_text_atomic(path, text)
 %   Used for completion markers and the last.txt pointer.
 
   % Exercise ex01-basic-checkpoint, task 3: write this function in place of the error() below.
-  % Generated from matlab/ckpt_write_text_atomic.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex01
+  % Generated from matlab/ckpt_write_text_atomic.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex01
   error('ckpt:todo', 'TODO: Task 3: Write a small file atomically (see README.md)');
 end
 

@@ -7,7 +7,7 @@ function [path, info] = ckpt_find_latest_valid(folder)
 %   for a damaged file.
 
   % Exercise ex04-auto-resume, task 3: write this function in place of the error() below.
-  % Generated from matlab/ckpt_find_latest_valid.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex04
+  % Generated from matlab/ckpt_find_latest_valid.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex04
   error('ckpt:todo', 'TODO: Task 3: Resume from the newest valid checkpoint (see README.md)');
 end
 

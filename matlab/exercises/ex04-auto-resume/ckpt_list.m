@@ -6,7 +6,7 @@ function infos = ckpt_list(folder)
 %   between nodes all change. Checksums are not checked here: see ckpt_find_latest_valid.
 
   % Exercise ex04-auto-resume, task 2: write this function in place of the error() below.
-  % Generated from matlab/ckpt_list.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex04
+  % Generated from matlab/ckpt_list.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex04
   error('ckpt:todo', 'TODO: Task 2: List complete checkpoints by step (see README.md)');
 end
 

@@ -8,7 +8,7 @@ function [checkpoint, info] = ckpt_load_latest(folder)
 %   is wrong (a MAT format this program cannot read, a name clash) and you must know.
 
   % Exercise ex04-auto-resume, task 3: write this function in place of the error() below.
-  % Generated from matlab/ckpt_load_latest.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex04
+  % Generated from matlab/ckpt_load_latest.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex04
   error('ckpt:todo', 'TODO: Task 3: Resume from the newest valid checkpoint (see README.md)');
 end
 

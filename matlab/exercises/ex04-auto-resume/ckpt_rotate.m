@@ -9,7 +9,7 @@ function deleted = ckpt_rotate(folder, keep, keep_time, protect)
 %   succeeded, so that a failed save never costs a checkpoint. Returns the deleted names.
 
   % Exercise ex04-auto-resume, task 4: write this function in place of the error() below.
-  % Generated from matlab/ckpt_rotate.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex04
+  % Generated from matlab/ckpt_rotate.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex04
   error('ckpt:todo', 'TODO: Task 4: Rotate without losing what you need (see README.md)');
 end
 

@@ -6,7 +6,7 @@ function [ok, reason, info] = ckpt_verify(checkpoint_path)
 %   truncated, bytes changed). info is the marker (see ckpt_read_marker), [] without one.
 
   % Exercise ex04-auto-resume, task 1: write this function in place of the error() below.
-  % Generated from matlab/ckpt_verify.m by scripts/make_starters.py. Grade with: make grade EX=matlab-ex04
+  % Generated from matlab/ckpt_verify.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex04
   error('ckpt:todo', 'TODO: Task 1: Verify a checkpoint against its marker (see README.md)');
 end
 

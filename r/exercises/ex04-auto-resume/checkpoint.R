@@ -1,6 +1,6 @@
 # Exercise ex04-auto-resume: your file. Generated from r/checkpoint.R by scripts/make_starters.py.
 # Implement the functions that stop with "TODO ..." (README.md lists the tasks),
-# then grade your work with: make grade EX=r-ex04
+# then grade it from the repository's top folder: make grade EX=r-ex04
 # checkpoint.R: checkpointing for long R jobs on Slurm. Survive wall-time limits,
 # preemption, crashes and kills, and resume to exactly the run you would have had.
 #
