@@ -189,6 +189,20 @@ def test_restored_run_continues_bitwise_identical(learner, checkpoint_after_3_st
 
 
 @pytest.mark.task(2)
+def test_the_grad_scaler_comes_back_with_its_scale(learner, checkpoint_after_3_steps):
+    """the GradScaler's scale and growth counter come back (equal weights cannot show it)"""
+    checkpoint = checkpoint_after_3_steps[0]
+    model, optimizer, scheduler, scaler = build()
+    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler)
+    assert scaler.state_dict() == checkpoint["scaler"], (
+        f"after the restore the GradScaler holds {scaler.state_dict()}, the checkpoint "
+        f"{checkpoint['scaler']}: load it (scaler.load_state_dict). Its scale is a power of "
+        "two, so the weights can come out equal while the next overflow, and every skipped "
+        "step after it, comes at another time than in the uninterrupted run")
+
+
+@pytest.mark.task(2)
 def test_restore_returns_the_saved_progress(learner, checkpoint_after_3_steps):
     """restore_training_state returns the saved step, epoch and position"""
     model, optimizer, scheduler, scaler = build()
