@@ -76,8 +76,8 @@ def signal_route_problem(script: str, environ: dict | None = None) -> str | None
     name, to_batch, lead = found
     env = os.environ if environ is None else environ
     in_step = "SLURM_STEP_ID" in env  # srun sets it; the batch script itself has none
-    trap = re.search(rf"^\s*trap\s.*\b(SIG)?{name}\b", script, re.M)
-    code = "\n".join(line.split("#")[0] for line in script.splitlines()[1:])  # no comments
+    code = "\n".join(line.split("#")[0] for line in script.splitlines())  # no comments
+    trap = re.search(rf"^\s*trap\s.*\b(SIG)?{name}\b", code, re.M)
     background = re.search(r"&\s*$", code, re.M) and re.search(r"\bwait\b", code)
     forward = f"\"trap 'kill -{name} $pid' {name}\" and 'wait $pid'"
     if not to_batch and not in_step:

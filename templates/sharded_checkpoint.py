@@ -289,6 +289,7 @@ def find_latest_valid_sharded(directory: Path, *,
     """
     candidates = []
     skipped: list[Path] = []
+    key = signing_key()  # read once, not once per candidate
     for folder in _checkpoint_folders(directory):
         try:
             candidates.append(read_completion_marker(folder))
@@ -299,9 +300,9 @@ def find_latest_valid_sharded(directory: Path, *,
     for info in sorted(candidates, key=lambda i: (i.step, i.saved_at), reverse=True):
         try:
             verify_sharded_checkpoint(info)
-            if signing_key():
-                checkpoint_signing.check_marker_signature(info.path / MARKER_NAME,
-                                                          signing_key(), info.name)
+            if key:
+                checkpoint_signing.check_marker_signature(info.path / MARKER_NAME, key,
+                                                          info.name)
             check_sharded_content(info)
         except CheckpointError as error:
             what = "unsafe" if isinstance(error, UnsafeCheckpointError) else "corrupt"

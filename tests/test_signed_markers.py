@@ -21,7 +21,8 @@ import checkpoint_signing as signing
 import checkpoint_utils as cu
 from checkpoint_fast import FastCheckpointManager
 from checkpoint_staging import StagedCheckpointManager
-from conftest import TEMPLATES, outside_slurm
+from conftest import outside_slurm
+from slurm_cluster import user_project
 
 KEY = b"k" * 32
 
@@ -119,9 +120,10 @@ def test_a_key_file_that_cannot_be_used_is_refused_saying_why(tmp_path, mode, ke
     assert signing.load_signing_key({}) is None
 
 
-def run_template(folder: Path, *args: str, key: Path | None, extra_files=()) -> subprocess.CompletedProcess:
-    for name in ("train_with_checkpoint.py", "checkpoint_utils.py", *extra_files):
-        (folder / name).write_bytes((TEMPLATES / name).read_bytes())
+SIGNING_PROJECT = ("train_with_checkpoint.py", "checkpoint_utils.py", "checkpoint_signing.py")
+
+
+def run_template(folder: Path, *args: str, key: Path | None) -> subprocess.CompletedProcess:
     env = outside_slurm()
     env.pop(signing.KEY_FILE_VARIABLE, None)
     if key is not None:
@@ -133,10 +135,9 @@ def run_template(folder: Path, *args: str, key: Path | None, extra_files=()) -> 
 
 def test_the_template_signs_with_the_key_and_skips_a_forgery(tmp_path):
     key = key_file(tmp_path)
-    project = tmp_path / "project"
-    project.mkdir()
+    project = user_project(tmp_path, *SIGNING_PROJECT)
     args = ("--steps", "60", "--save-every-steps", "20")
-    first = run_template(project, *args, key=key, extra_files=["checkpoint_signing.py"])
+    first = run_template(project, *args, key=key)
     assert first.returncode == 0, first.stderr
     newest = project / "ckpt" / "step_00000060.pt"
     assert "signature" in json.loads(cu.marker_path(newest).read_text())
@@ -149,18 +150,14 @@ def test_the_template_signs_with_the_key_and_skips_a_forgery(tmp_path):
 
 
 def test_the_template_says_markers_are_unsigned_and_refuses_a_key_without_the_module(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    plain = run_template(project, "--steps", "10", key=None,
-                         extra_files=["checkpoint_signing.py"])
+    project = user_project(tmp_path, *SIGNING_PROJECT)
+    plain = run_template(project, "--steps", "10", key=None)
     assert plain.returncode == 0, plain.stderr
     assert "checkpoint markers are not signed" in plain.stdout + plain.stderr
+    bad = run_template(project, "--steps", "10", key=key_file(tmp_path, 0o644))
+    assert bad.returncode != 0 and "can be read by others" in bad.stderr
     os.remove(project / "checkpoint_signing.py")
-    keyed = run_template(tmp_path / "project", "--steps", "10",
-                         key=key_file(tmp_path))
+    keyed = run_template(project, "--steps", "10", key=key_file(tmp_path))
     assert keyed.returncode != 0
     assert "copy checkpoint_signing.py" in keyed.stderr
-    bad = run_template(project, "--steps", "10", key=key_file(tmp_path, 0o644),
-                       extra_files=["checkpoint_signing.py"])
-    assert bad.returncode != 0 and "can be read by others" in bad.stderr
     assert "Traceback" not in keyed.stderr + bad.stderr

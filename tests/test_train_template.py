@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import time
 
 import pytest
 
 from conftest import TEMPLATES, outside_slurm
 from interrupted_run import Interruption, run_once
+from slurm_cluster import user_project
 
 pytestmark = pytest.mark.integration
 
@@ -83,19 +86,16 @@ def test_a_killed_run_keeps_every_line_it_printed(tmp_path, python_exe):
     """Output to a file is block-buffered unless PYTHONUNBUFFERED is set: a job killed at
     its time limit would lose its last lines. Every line must be in the file as soon as it
     is printed, so the file is read while the run goes on, then the run is killed."""
-    import subprocess
-    import time
     env = outside_slurm()
     env.pop("PYTHONUNBUFFERED", None)
     log = tmp_path / "job.out"
-    for name in ("train_with_checkpoint.py", "checkpoint_utils.py"):  # no extra logs lines
-        (tmp_path / name).write_bytes((TEMPLATES / name).read_bytes())
+    project = user_project(tmp_path, "train_with_checkpoint.py", "checkpoint_utils.py")
     with open(log, "w") as out:
         run = subprocess.Popen([python_exe, "train_with_checkpoint.py", "--ckpt-dir", "ckpt",
                                 "--steps", "100000", "--log-every", "1",
                                 "--simulate-step-seconds", "0.1",
                                 "--save-every-steps", "1000000"],
-                               cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+                               cwd=project, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             # 5 lines, about 500 bytes: a buffer of 8 kB would hold them for 10 s or more.
             deadline = time.monotonic() + 8

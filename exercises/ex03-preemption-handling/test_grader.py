@@ -143,7 +143,8 @@ def uninterrupted(_uninterrupted) -> Path:
 # ----------------------------------------------------------------------------- task 1
 @pytest.mark.task(1)
 def test_every_preemption_signal_sets_the_flag(task_kit, safe_signals):
-    """SIGUSR1, SIGUSR2 and SIGTERM each set the flag, and the process goes on"""
+    """SIGUSR1, SIGUSR2 and SIGTERM each set the flag, the process goes on, and the handler
+    stays for a second signal"""
     for sig in PREEMPTION_SIGNALS:
         handler = task_kit.PreemptionHandler()
         handler.install()
@@ -161,18 +162,6 @@ def test_every_preemption_signal_sets_the_flag(task_kit, safe_signals):
             assert handler.signal_name == sig.name, (
                 f"after {sig.name} handler.signal_name is {handler.signal_name!r}: record the "
                 "signal number in self.received")
-        finally:
-            handler.uninstall()
-
-
-@pytest.mark.task(1)
-def test_the_handler_stays_for_a_second_signal(task_kit, safe_signals):
-    """after one signal the handler is still installed: a second one is caught too"""
-    for sig in PREEMPTION_SIGNALS:
-        handler = task_kit.PreemptionHandler()
-        handler.install()
-        try:
-            send_to_myself(sig)
             now = signal.getsignal(sig)
             assert now not in (signal.SIG_DFL, None), (
                 f"after one {sig.name} the handler for {sig.name} is {now!r}: a second "
