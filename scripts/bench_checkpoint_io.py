@@ -229,7 +229,10 @@ def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
     step = iter(range(1, 10**6))
     measure(saves, "kit core: verified save", lambda: core.save(state, step=next(step), epoch=0))
     measure(saves, "kit fast: verified save", lambda: manager.save(state, step=next(step), epoch=0))
-    async_saves = measure_async_save(state, folder / "kit-async", repeats, clean)
+    signed = type("Sha256Chunks", (fast.FastCheckpointManager,), {"chunk_checksum": "sha256"})
+    signed_manager = signed(folder / "kit-sha256", keep=1, keep_time=0)
+    measure(saves, "kit fast, sha256 per chunk (signed markers)",
+            lambda: signed_manager.save(state, step=next(step), epoch=0))
 
     print("loads:")
     measure(loads, "raw O_DIRECT read", lambda: raw_direct_read(paths["raw.bin"], buffer))
@@ -243,46 +246,117 @@ def run(size: int, repeats: int, folder: Path, drop: bool = True) -> dict:
     measure(loads, "DCP load", lambda: dcp_load(target, dcp_folder))
     measure(loads, "kit core: verified load, hash then torch.load",
             lambda: touch_all(tensors_of(core.load_latest())))
-    measure(loads, "kit fast: verified load, hashed while loading",
+    measure(loads, "kit fast: verified load, checked while loading",
             lambda: touch_all(tensors_of(manager.load_latest())))
-    return {"bytes": nbytes, "tensors": len(state), "repeats": repeats,
-            "page_cache_dropped": dropped, "folder": str(folder),
+    measure(loads, "kit fast, sha256 per chunk (signed markers)",
+            lambda: touch_all(tensors_of(signed_manager.load_latest())))
+    tensor_count = len(state)
+    del state, target  # the training bench needs the memory
+    async_saves = measure_async_save(nbytes, folder / "training", repeats, clean)
+    return {"bytes": nbytes, "tensors": tensor_count, "repeats": repeats, "page_cache_dropped": dropped, "folder": str(folder),
             "saves": saves, "loads": loads, "async_save": async_saves}
 
 
-def measure_async_save(state: dict, folder: Path, repeats: int,
+class TransformerLike(torch.nn.Module):
+    """A model with the bench state's shapes that really trains: an embedding, blocks of a
+    mixing matrix (the attention's qkv and projection, without the attention) and an MLP,
+    and a head."""
+
+    def __init__(self, width: int, vocab: int, layers: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({
+            "norm1": torch.nn.LayerNorm(width), "qkv": torch.nn.Linear(width, 3 * width),
+            "proj": torch.nn.Linear(width, width), "norm2": torch.nn.LayerNorm(width),
+            "up": torch.nn.Linear(width, 4 * width), "down": torch.nn.Linear(4 * width, width),
+        }) for _ in range(layers))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).chunk(3, dim=-1)
+            x = x + block["proj"](q * k.sigmoid() + v)
+            x = x + block["down"](torch.nn.functional.gelu(block["up"](block["norm2"](x))))
+        return self.head(x)
+
+
+def training_setup(nbytes: int, tokens: int = 512):
+    """A model, AdamW and a batch whose training state (weights and two moments) is about
+    ``nbytes``; the step: ``tokens`` tokens forward and backward, then the AdamW step."""
+    width = 1024 if nbytes >= 600e6 else 512 if nbytes >= 100e6 else 256
+    vocab = 8 * width
+    per_layer = 12 * width * width
+    layers = max(1, round((nbytes / 12 - 2 * vocab * width) / per_layer))
+    torch.manual_seed(0)
+    model = TransformerLike(width, vocab, layers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(vocab, (tokens // 64, 64))
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(batch).flatten(0, 1), batch.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    return model, optimizer, step, state
+
+
+def measure_async_save(nbytes: int, folder: Path, repeats: int,
                        before: Callable[[], None]) -> dict:
-    """Time training is blocked in save_async (the first call allocates and touches the
-    buffers; the later ones reuse them), and the time until the background save is done."""
-    manager = fast.FastCheckpointManager(folder, keep=1, keep_time=0)
-    blocked, finished = [], []
-    print("  kit fast: async save ...", end="", flush=True)
-    for step in range(1, repeats + 2):  # one cold call, then `repeats` warm ones
+    """save_async against real training steps of a model whose state is ``nbytes``: how
+    much longer the step after each save_async took than a step without a save, and how
+    long training was blocked (the call, and the optimizer's step waiting for the copy).
+    The first call copies into cold memory; the later ones reuse the buffers."""
+    model, optimizer, step, state = training_setup(nbytes)
+    step()  # AdamW's moments exist from the first step on
+    manager = fast.FastCheckpointManager(folder / "async", keep=1, keep_time=0)
+    sync = fast.FastCheckpointManager(folder / "sync", keep=1, keep_time=0)
+    training_state = state()
+    state_nbytes = sum(t.numel() * t.element_size() for t in fast._tensors_in(training_state))
+    print(f"  training: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"state {state_nbytes / 1e6:.0f} MB", flush=True)
+    counter = iter(range(1, 10**6))
+    sync_seconds = timed(lambda: sync.save(state(), step=next(counter), epoch=0), repeats,
+                         before)
+    plain = timed(step, repeats + 1, lambda: None)[1:]
+    calls = []
+    for index in range(repeats + 1):  # one cold call, then `repeats` warm ones
         before()
         started = time.perf_counter()
-        pending = manager.save_async(state, step=step, epoch=0)
+        pending = manager.save_async(state(), step=index + 1, epoch=0, optimizer=optimizer)
+        step()
+        step_seconds = time.perf_counter() - started
         pending.wait()
-        finished.append(time.perf_counter() - started)
-        blocked.append(pending.blocked_seconds)
-    print(f" blocked {blocked[0]:.3f} s cold, {min(blocked[1:]):.3f} s warm", flush=True)
-    prepared, prepare_seconds = first_save_after_prepare(state, folder.with_name("kit-prepared"))
-    return {"blocked_cold_s": blocked[0], "blocked_warm_s": blocked[1:],
-            "until_saved_s": finished, "blocked_after_prepare_s": prepared,
+        calls.append({"blocked_s": pending.blocked_seconds, "step_s": step_seconds,
+                      "until_saved_s": time.perf_counter() - started})
+    print(f"  kit fast: async save, blocked {calls[0]['blocked_s']:.3f} s cold, "
+          f"{min(c['blocked_s'] for c in calls[1:]):.3f} s warm", flush=True)
+    prepared, prepare_seconds = first_save_after_prepare(
+        state, step, optimizer, folder / "prepared")
+    return {"state_bytes": state_nbytes, "sync_save_s": sync_seconds, "plain_step_s": plain,
+            "cold": calls[0], "warm": calls[1:], "after_prepare": prepared,
             "prepare_s": prepare_seconds}
 
 
-def first_save_after_prepare(state: dict, folder: Path) -> tuple[float, float]:
+def first_save_after_prepare(state: Callable[[], dict], step: Callable[[], None], optimizer,
+                             folder: Path) -> tuple[dict, float]:
     """The first save_async of a new manager whose buffers prepare_async_save made ready
-    (here it is waited for; in training it runs in the background). Returns the blocked
-    time and the time the preparation took."""
+    (here it is waited for; in training it runs in the background)."""
     manager = fast.FastCheckpointManager(folder, keep=1, keep_time=0)
     started = time.perf_counter()
-    manager.prepare_async_save(state)
+    manager.prepare_async_save(state())
     manager.wait_for_saves()
     prepare_seconds = time.perf_counter() - started
-    pending = manager.save_async(state, step=1, epoch=0)
+    started = time.perf_counter()
+    pending = manager.save_async(state(), step=1, epoch=0, optimizer=optimizer)
+    step()
+    step_seconds = time.perf_counter() - started
     pending.wait()
-    return pending.blocked_seconds, prepare_seconds
+    return {"blocked_s": pending.blocked_seconds, "step_s": step_seconds}, prepare_seconds
 
 
 # ----------------------------------------------------------------------------- report
@@ -293,15 +367,18 @@ def rows(report: dict, kind: str, baseline: str) -> list[dict]:
             for name, times in report[kind].items()]
 
 
-def async_rows(report: dict) -> tuple[list[dict], float]:
-    """Blocked times of save_async, and the synchronous verified save they compare with."""
-    sync = min(report["saves"]["kit fast: verified save"])
+def async_rows(report: dict) -> tuple[list[dict], float, float]:
+    """save_async against the training step: blocked time and the step's slowdown, with
+    the synchronous save of the same state and a step without a save."""
     timings = report["async_save"]
-    warm = timings["blocked_warm_s"]
-    return [{"call": "first (cold buffers)", "blocked_s": timings["blocked_cold_s"]},
-            {"call": "first after prepare_async_save", "blocked_s": timings["blocked_after_prepare_s"]},
-            {"call": "later (warm buffers), best", "blocked_s": min(warm)},
-            {"call": "later (warm buffers), median", "blocked_s": statistics.median(warm)}], sync
+    sync, plain = min(timings["sync_save_s"]), statistics.median(timings["plain_step_s"])
+    warm = timings["warm"]
+    best = min(warm, key=lambda call: call["blocked_s"])
+    median = sorted(warm, key=lambda call: call["blocked_s"])[len(warm) // 2]
+    return [{"call": "first (cold buffers)", **timings["cold"]},
+            {"call": "first after prepare_async_save", **timings["after_prepare"]},
+            {"call": "later (warm buffers), best", **best},
+            {"call": "later (warm buffers), median", **median}], sync, plain
 
 
 def emergency_figures(report: dict, lead_seconds: float, spare_seconds: float) -> dict:
@@ -328,16 +405,19 @@ def markdown(report: dict) -> str:
 
 
 def async_markdown(report: dict) -> list[str]:
-    table, sync = async_rows(report)
-    lines = [f"| async save: training blocked | s | x kit fast: verified save ({sync:.3f} s) |",
-             "|---|---|---|"]
-    lines += [f"| {row['call']} | {row['blocked_s']:.3f} | {row['blocked_s'] / sync:.3f} |"
-              for row in table]
-    done = min(report["async_save"]["until_saved_s"])
-    prepare = report["async_save"]["prepare_s"]
-    return lines + ["", f"The background save was done {done:.3f} s after the call (best of "
-                        f"the calls); prepare_async_save took {prepare:.3f} s in the "
-                        "background.", ""]
+    table, sync, plain = async_rows(report)
+    timings = report["async_save"]
+    lines = [f"Async save of a training state of {timings['state_bytes'] / 1e6:.0f} MB "
+             f"(weights and AdamW's moments), against real training steps of that model: "
+             f"a step takes {plain:.3f} s (median), a synchronous save {sync:.3f} s.", "",
+             "| async save | training blocked, s | x sync save | the step with it, s "
+             "| step slowed by, s |", "|---|---|---|---|---|"]
+    lines += [f"| {row['call']} | {row['blocked_s']:.3f} | {row['blocked_s'] / sync:.3f} | "
+              f"{row['step_s']:.3f} | {row['step_s'] - plain:+.3f} |" for row in table]
+    done = min(call["until_saved_s"] for call in timings["warm"])
+    return lines + ["", f"The background save was done {done:.3f} s after the call (best "
+                        f"of the warm calls); prepare_async_save took "
+                        f"{timings['prepare_s']:.3f} s in the background.", ""]
 
 
 def emergency_markdown(report: dict) -> list[str]:

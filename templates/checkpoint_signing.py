@@ -79,6 +79,9 @@ class SigningMixin:
     resume, a checkpoint whose marker does not verify is skipped as unsafe."""
 
     signing_key: bytes
+    # A signature vouches for the checksums in the marker, so they must be ones nobody can
+    # match with other bytes: sha256, never checkpoint_fast's default CRC32 per chunk.
+    chunk_checksum = "sha256"
 
     def _marker(self, meta: dict) -> dict:
         marker = super()._marker(meta)
@@ -86,6 +89,9 @@ class SigningMixin:
 
     def _load_verified(self, info: CheckpointInfo) -> dict:
         check_marker_signature(marker_path(info.path), self.signing_key, info.name)
+        if info.chunks and info.chunks[0] != "sha256":
+            raise UnsafeCheckpointError(f"{info.name}: unsafe, refused: its marker is signed "
+                                        f"but its {info.chunks[0]} checksums can be forged")
         return super()._load_verified(info)
 
 

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 from checkpoint_utils import (LAST_POINTER, TEMP_PREFIX, CheckpointError, CheckpointInfo,
-                              CheckpointManager, atomic_write_bytes, fsync_directory,
-                              list_checkpoints, marker_path, read_marker, remove_unfinished_saves,
-                              rotate_checkpoints, update_last_pointer)
+                              CheckpointManager, CorruptCheckpointError, atomic_write_bytes,
+                              fsync_directory, list_checkpoints, marker_path, read_marker,
+                              remove_unfinished_saves, rotate_checkpoints, update_last_pointer,
+                              verify_chunks)
 from storage_check import StorageUnusableError, describe_storage_error, save_checkpoint_or_explain
 
 log = logging.getLogger("checkpoint")
@@ -164,7 +165,8 @@ class StagedCheckpointManager:
 
     def _is_durable(self, info: CheckpointInfo) -> bool:
         durable = self._durable
-        return durable is not None and (durable.name, durable.sha256) == (info.name, info.sha256)
+        return durable is not None and (durable.name, durable.sha256, durable.chunks) == \
+            (info.name, info.sha256, info.chunks)
 
     def _copy_failed_message(self, info: CheckpointInfo, error: BaseException) -> str:
         cause = (describe_storage_error(error)[0] if isinstance(error, OSError) else str(error))
@@ -206,7 +208,7 @@ class StagedCheckpointManager:
         expected = json.loads(marker)
         target = self.directory / info.name
         if marker_path(target).exists():  # a checkpoint of that name is there already
-            if read_marker(target).sha256 == expected["sha256"]:
+            if _same_bytes(json.loads(marker_path(target).read_text()), expected):
                 update_last_pointer(self.directory, info.name)
                 self._durable = read_marker(target)
                 return
@@ -214,7 +216,7 @@ class StagedCheckpointManager:
             # one stops counting before its bytes change, never new bytes under its marker.
             marker_path(target).unlink()
         digest, size = copy_file_durably(info.path, target, self.copy_bytes_per_second)
-        if (digest, size) != (expected["sha256"], expected["size"]):
+        if not _copy_matches(target, digest, size, expected):
             raise CheckpointError(f"{info.name} changed on the node while it was copied "
                                   "(its bytes no longer match its marker)")
         # The marker is written last: it is what makes the copy count.
@@ -236,6 +238,27 @@ class StagedCheckpointManager:
             self._closing = True
             self._changed.notify_all()
         self._worker.join()
+
+
+def _same_bytes(copied: dict, expected: dict) -> bool:
+    """Whether two markers vouch for the same bytes (a sha256, or checkpoint_fast's chunks)."""
+    return all(copied.get(key) == expected.get(key) for key in ("size", "sha256", "chunks"))
+
+
+def _copy_matches(copy: Path, digest: str, size: int, expected: dict) -> bool:
+    """Whether the copied bytes (their sha256 and size) are the ones ``expected`` (the
+    source's marker) vouches for; chunks are checked on the copy, which is read again."""
+    if "chunks" not in expected:
+        return _same_bytes({"sha256": digest, "size": size}, expected)
+    chunks = expected["chunks"]
+    info = CheckpointInfo(path=copy, step=0, epoch=0, kind="step", saved_at=0.0, sha256="",
+                          size=size, chunks=(chunks["checksum"], chunks["bytes"],
+                                             tuple(chunks["digests"])))
+    try:
+        verify_chunks(info)
+    except CorruptCheckpointError:
+        return False
+    return size == expected["size"]
 
 
 def copy_file_durably(source: Path, target: Path,

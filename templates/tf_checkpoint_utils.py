@@ -355,7 +355,6 @@ class InvalidJobIdError(CheckpointError, ValueError):
 class HashingFile(io.BufferedWriter):
     """A file for writing that hashes the bytes on their way to disk: the checksum costs
     no second read. (checkpoint_fast.StreamingHashWriter: the same, faster.)"""
-
     def __init__(self, path: Path):
         super().__init__(io.FileIO(path, "wb"))
         self.sha256, self.size = hashlib.sha256(), 0
@@ -364,6 +363,9 @@ class HashingFile(io.BufferedWriter):
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
         return super().write(data)
+
+    def checksum(self) -> str:
+        return self.sha256.hexdigest()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -383,9 +385,9 @@ def _temp_path(final: Path) -> Path:
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
                        writer_class: Callable[[Path], Any] = HashingFile) -> tuple[str, int]:
-    """Write so that ``path`` holds its old content or all the new, never a part: a temp
-    file in the same folder, fsync, rename over ``path``, fsync the folder. Returns the
-    sha256 and size written. ``atomic_write_bytes(p, lambda f: torch.save(obj, f))``."""
+    """Write so that ``path`` holds its old content or all the new, never a part: a temp file in
+    the same folder, fsync, rename over ``path``, fsync the folder. Returns the writer's checksum
+    (HashingFile: the sha256) and size. ``atomic_write_bytes(p, lambda f: torch.save(obj, f))``."""
     path, tmp = Path(path), _temp_path(Path(path))
     try:
         with writer_class(tmp) as writer:
@@ -398,7 +400,7 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
             tmp.unlink(missing_ok=True)  # a failed save must not leave its debris behind
         raise
     fsync_directory(path.parent)
-    return writer.sha256.hexdigest(), writer.size
+    return writer.checksum(), writer.size
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -415,7 +417,6 @@ class PreemptionHandler:
     or print, a reentrant-call error). ``with PreemptionHandler() as preemption:`` puts the
     previous handlers back at the end; after each step, ``if preemption.requested:`` save
     with ``kind="preempt"`` and call ``exit_after_preemption(preemption)``."""
-
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
         self.signals = tuple(signals)
         self.received: list[int] = []
@@ -460,7 +461,6 @@ class EmergencyDeadline:
     must not eat the time Slurm leaves before SIGKILL. If the interpreter itself is stuck
     (a C call holding the GIL), faulthandler's C watchdog exits a few seconds later.
     ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``"""
-
     def __init__(self, seconds: float, backstop_seconds: float = 5.0):
         self.seconds, self.backstop_seconds = seconds, backstop_seconds
         self._timer: threading.Timer | None = None
@@ -504,9 +504,8 @@ def slurm_job_id(environ: dict | None = None) -> str | None:
 
 def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
                       timeout: float = 30.0) -> bool:
-    """``scontrol requeue <id>`` (an argument list, never a shell). True when Slurm
-    accepted; False, with a log line saying why, outside Slurm, without ``scontrol`` on
-    PATH (in a container, say) or when Slurm refused."""
+    """``scontrol requeue <id>`` (an argument list, never a shell): True if Slurm accepted, False
+    (logging why) outside Slurm, without ``scontrol`` on PATH (a container?) or if Slurm refused."""
     job_id = slurm_job_id(environ)
     if job_id is None:
         log.warning("not running under Slurm (no SLURM_JOB_ID): not requeueing")
@@ -532,8 +531,7 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 
 
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
-    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, or exit
-    ``EXIT_PREEMPTED`` when requeueing is off or failed."""
+    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, else ``EXIT_PREEMPTED``."""
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
     # A requeue makes Slurm SIGTERM every process of the job, the batch shell may forward
     # more: ignore them, so that no late signal turns this clean exit into a kill (143).

@@ -406,10 +406,10 @@ def train(args, preemption: PreemptionHandler) -> int:
                                        scaler=scaler, sampler=sampler, progress=progress)
         if guard and guard.has_history():  # else the checkpoint stays as without a guard
             state[nonfinite_guard.STATE_KEY] = guard.state_dict()
-        if background:  # copied into reused buffers: training may change the model at once
+        if background:  # the weights are copied while the next step computes its gradients
             in_flight.append((manager.save_async(state, step=progress.step,
-                                                 epoch=progress.epoch, kind=kind),
-                              progress.epoch))
+                                                 epoch=progress.epoch, kind=kind,
+                                                 optimizer=optimizer), progress.epoch))
         else:
             with storage_errors_explained(manager, step=progress.step, epoch=progress.epoch,
                                           kind=kind, state=state):

@@ -102,7 +102,7 @@ def test_async_save_writes_the_same_checkpoint_as_save(tmp_path):
     sync_marker = json.loads(cu.marker_path(sync_info.path).read_text())
     async_marker = json.loads(cu.marker_path(async_info.path).read_text())
     for marker in (sync_marker, async_marker):
-        del marker["saved_at"], marker["sha256"]  # differ with the save time only
+        del marker["saved_at"], marker["chunks"]  # differ with the save time only
     assert async_marker == sync_marker
     assert os.readlink(tmp_path / "async" / "last.pt") == async_info.name
     cu.verify_checkpoint(cu.read_marker(async_info.path))
@@ -128,6 +128,71 @@ def test_training_right_after_save_async_does_not_change_the_checkpoint(tmp_path
     assert not torch.equal(model.state_dict()["1.weight"], expected["1.weight"])
     for name, tensor in expected.items():
         assert torch.equal(saved["model"][name], tensor), name
+
+
+def gate_the_copy(monkeypatch) -> threading.Event:
+    """Make save_async's background copy (of what only the optimizer's step changes) wait
+    until the returned event is set."""
+    release = threading.Event()
+    finish_copy = fast.ReusedStateBuffers.finish_copy
+
+    def gated(buffers):
+        assert release.wait(30), "the test never released the copy"
+        finish_copy(buffers)
+
+    monkeypatch.setattr(fast.ReusedStateBuffers, "finish_copy", gated)
+    return release
+
+
+def test_with_the_optimizer_its_step_waits_for_the_copy_and_nothing_else_does(tmp_path,
+                                                                              monkeypatch):
+    """The weights and the optimizer's state are copied while the next forward and
+    backward run; the optimizer's step waits for that copy; the buffers, which the forward
+    pass may change, were copied before save_async returned."""
+    model, optimizer = training_objects()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    release = gate_the_copy(monkeypatch)
+    manager = fast.FastCheckpointManager(tmp_path)
+    pending = manager.save_async(state_of(model, optimizer, step=1), step=1, epoch=0,
+                                 optimizer=optimizer)
+
+    model(torch.tensor([4, 5])).sum().backward()  # runs while the copy waits
+    with torch.no_grad():
+        model.counts.add_(100)  # a buffer: it was copied at once
+    stepping = threading.Thread(target=optimizer.step)
+    stepping.start()
+    stepping.join(0.5)
+    assert stepping.is_alive(), "the optimizer's step did not wait for the copy"
+    assert torch.equal(model[1].weight, before["1.weight"])
+    release.set()
+    stepping.join(30)
+    saved = torch.load(pending.wait().path, weights_only=True)
+
+    assert not torch.equal(model[1].weight, before["1.weight"])  # the step ran after the copy
+    for name, tensor in before.items():
+        assert torch.equal(saved["model"][name], tensor), name
+    assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], moments)
+    assert pending.blocked_seconds >= 0.4  # the step's wait counts as blocked time
+
+
+def test_a_weight_changed_before_its_copy_fails_the_save_instead_of_tearing_it(
+        tmp_path, monkeypatch, caplog):
+    model, optimizer = training_objects()
+    manager = fast.FastCheckpointManager(tmp_path)
+    manager.save(state_of(model, optimizer, step=1), step=1, epoch=0)
+    release = gate_the_copy(monkeypatch)
+    pending = manager.save_async(state_of(model, optimizer, step=2), step=2, epoch=0,
+                                 optimizer=optimizer)
+    with torch.no_grad():
+        model[1].weight.mul_(2)  # not through the optimizer's step: the copy cannot know
+    release.set()
+
+    with pytest.raises(fast.AsyncSaveError, match="changed in place before save_async had"):
+        pending.wait()
+    assert [info.step for info in cu.list_checkpoints(tmp_path)] == [1]
+    assert "background save of step 2 failed" in caplog.text
+    optimizer.step()  # the step does not hang on a failed save
 
 
 # --------------------------------------------------------------------------- errors

@@ -96,20 +96,33 @@ def test_atomic_write_returns_sha256_and_size_of_the_bytes_on_disk(tmp_path):
 @pytest.mark.parametrize("folder", ["tmp_path", "/dev/shm"], ids=["O_DIRECT", "tmpfs-refuses-it"])
 def test_streaming_writer_keeps_every_byte_across_many_buffers(folder, tmp_path, monkeypatch):
     """Writes of every size, across buffer boundaries, with O_DIRECT (ext4) and without it
-    (tmpfs refuses O_DIRECT): the file holds exactly the bytes, and the sha256 is theirs."""
+    (tmpfs refuses O_DIRECT), flushed in the middle too: the file holds exactly the bytes,
+    and there is one checksum of theirs per chunk."""
     if folder != "tmp_path" and not Path(folder).is_dir():
         pytest.skip(f"{folder} does not exist here")
-    monkeypatch.setattr(fast.StreamingHashWriter, "BUFFER_BYTES", 1 << 20)
+    chunk = 256 << 10
+    monkeypatch.setattr(fast.StreamingHashWriter, "CHUNK_BYTES", chunk)  # buffers of 1 MiB
     target = (tmp_path if folder == "tmp_path" else Path(folder)) / f"stream-{os.getpid()}.bin"
     pieces = [os.urandom(n) for n in (1, 4095, 4097, 3 << 20, 12345, (1 << 20) - 7, 10)]
-    try:
-        digest, size = cu.atomic_write_bytes(target, lambda f: [f.write(p) for p in pieces],
-                                             writer_class=fast.StreamingHashWriter)
-        data = target.read_bytes()
-    finally:
-        target.unlink(missing_ok=True)
-    assert data == b"".join(pieces) and size == len(data)
-    assert digest == hashlib.sha256(data).hexdigest()
+
+    def write_flushing_midway(f):
+        for index, piece in enumerate(pieces):
+            f.write(piece)
+            if index == 4:
+                f.flush()  # torch.save flushes before the end: chunks must not shift
+
+    for checksum in ("crc32", "sha256"):
+        try:
+            chunks, size = cu.atomic_write_bytes(
+                target, write_flushing_midway,
+                writer_class=lambda path: fast.StreamingHashWriter(path, checksum))
+            data = target.read_bytes()
+        finally:
+            target.unlink(missing_ok=True)
+        assert data == b"".join(pieces) and size == len(data)
+        expected = [cu.CHUNK_CHECKSUMS[checksum](data[i:i + chunk])
+                    for i in range(0, len(data), chunk)]
+        assert chunks == {"checksum": checksum, "bytes": chunk, "digests": expected}
 
 
 def test_checkpoint_files_load_with_plain_torch_load(tmp_path):
@@ -277,6 +290,79 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog, corr
                if "skipped corrupt checkpoint" in m]
     assert len(skipped) == 1
     assert "step_00000200.pt" in skipped[0] and reason in skipped[0]
+
+
+CHUNK = 64 << 10  # small chunks, so that a small file has several
+
+
+def save_chunked(directory: Path, steps, checksum: str = "crc32", monkeypatch=None):
+    """Checkpoints written by the fast manager: markers with a checksum per chunk."""
+    monkeypatch.setattr(fast.StreamingHashWriter, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(fast.FastCheckpointManager, "chunk_checksum", checksum)
+    manager = fast.FastCheckpointManager(directory, keep=1000, keep_time=1000)
+    state = {"weights": torch.arange(80_000, dtype=torch.float32)}  # 5 chunks of 64 KiB
+    return [manager.save({**state, "step": step}, step=step, epoch=0) for step in steps]
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_file_corrupted_in_any_one_chunk_is_caught_and_skipped(tmp_path, caplog,
+                                                                monkeypatch, checksum, where):
+    """The core kit checks the fast kit's chunked markers too (one chunk after the other),
+    the fast kit in parallel; both name the damaged chunk and resume from the one before."""
+    infos = save_chunked(tmp_path, [100, 200], checksum, monkeypatch)
+    newest = infos[-1]
+    assert newest.chunks[0] == checksum and len(newest.chunks[2]) == 5
+    offset = {"first": 10, "middle": 2 * CHUNK + 5, "last": newest.size - 3}[where]
+    data = bytearray(newest.path.read_bytes())
+    data[offset] ^= 0x10
+    newest.path.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    chunk_start = f"{checksum} of the chunk at byte {offset // CHUNK * CHUNK:,} "
+
+    for verify in (cu.verify_checkpoint, fast.verify_checkpoint_in_parallel):
+        with pytest.raises(cu.CorruptCheckpointError, match=chunk_start):
+            verify(newest)
+    assert cu.find_latest_valid_checkpoint(tmp_path).step == 100
+    checkpoint = fast.FastCheckpointManager(tmp_path).load_latest()
+
+    assert checkpoint["step"] == 100
+    skipped = [m for m in warnings_from_checkpoint_logger(caplog) if "skipped corrupt" in m]
+    assert skipped and all("step_00000200.pt" in m and chunk_start in m for m in skipped)
+    assert (tmp_path / "corrupt" / "step_00000200.pt").exists()
+
+
+def test_old_sha256_markers_and_chunked_ones_load_with_either_manager(tmp_path, monkeypatch):
+    save_steps(tmp_path, [100])  # the core kit: one sha256 of the whole file
+    save_chunked(tmp_path, [200], "crc32", monkeypatch)
+    old, new = cu.list_checkpoints(tmp_path)
+    assert old.sha256 and not old.chunks and new.chunks and not new.sha256
+
+    for info in (old, new):
+        cu.verify_checkpoint(info)
+        fast.verify_checkpoint_in_parallel(info)
+        assert fast.load_verified_checkpoint_overlapped(info)["step"] == info.step
+    assert cu.CheckpointManager(tmp_path).load_latest()["step"] == 200
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda chunks: chunks.update(checksum="md4"), "chunks make no sense"),
+    (lambda chunks: chunks["digests"].pop(), "chunks make no sense"),
+    (lambda chunks: chunks.update(bytes="big"), "unreadable completion marker"),
+    (lambda chunks: chunks.update(bytes=0), "chunks make no sense"),
+])
+def test_a_marker_with_chunks_this_kit_cannot_check_is_skipped(tmp_path, monkeypatch,
+                                                              change, reason):
+    save_chunked(tmp_path, [100, 200], "crc32", monkeypatch)
+    marker_file = cu.marker_path(checkpoint_file(tmp_path, 200))
+    marker = json.loads(marker_file.read_text())
+    change(marker["chunks"])
+    marker_file.write_text(json.dumps(marker))
+
+    with pytest.raises(cu.CorruptCheckpointError, match=reason):
+        cu.verify_checkpoint(cu.read_marker(checkpoint_file(tmp_path, 200)))
+    assert cu.find_latest_valid_checkpoint(tmp_path).step == 100
+    assert fast.FastCheckpointManager(tmp_path).load_latest()["step"] == 100
 
 
 def test_checkpoint_with_unreadable_marker_is_not_listed(tmp_path):

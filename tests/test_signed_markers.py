@@ -39,12 +39,19 @@ def key_file(folder: Path, mode: int = 0o600, key: bytes = KEY) -> Path:
 
 
 def rewrite_like_an_intruder(checkpoint: Path, new_state: dict) -> None:
-    """Replace a checkpoint's bytes and rewrite its marker's sha256 and size to match,
-    keeping every other field, the signature included: all one can do without the key."""
+    """Replace a checkpoint's bytes and rewrite its marker's checksums (the sha256, or
+    the chunks of checkpoint_fast) and size to match, keeping every other field, the
+    signature included: all one can do without the key."""
     torch.save(new_state, checkpoint)
     data = checkpoint.read_bytes()
     marker = json.loads(cu.marker_path(checkpoint).read_text())
-    marker.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    marker.update(size=len(data))
+    if "chunks" in marker:
+        chunks = marker["chunks"]
+        chunks["digests"] = [cu.CHUNK_CHECKSUMS[chunks["checksum"]](data[i:i + chunks["bytes"]])
+                             for i in range(0, len(data), chunks["bytes"])]
+    else:
+        marker.update(sha256=hashlib.sha256(data).hexdigest())
     cu.marker_path(checkpoint).write_text(json.dumps(marker))
 
 
@@ -161,3 +168,26 @@ def test_the_template_says_markers_are_unsigned_and_refuses_a_key_without_the_mo
     assert keyed.returncode != 0
     assert "copy checkpoint_signing.py" in keyed.stderr
     assert "Traceback" not in keyed.stderr + bad.stderr
+
+
+def test_a_signed_fast_marker_pins_its_bytes_with_sha256_and_a_crc32_one_is_refused(
+        tmp_path, caplog):
+    """CRC32 catches torn bytes, not forged ones: a signature vouches for the checksums,
+    so signed markers get sha256 per chunk, and a signed marker with CRC32s is refused."""
+    manager = signing.signing(FastCheckpointManager, KEY)(tmp_path, keep=5)
+    for step in (100, 200):
+        manager.save(state(step), step=step, epoch=0)
+    marker_file = cu.marker_path(tmp_path / "step_00000200.pt")
+    marker = json.loads(marker_file.read_text())
+    assert marker["chunks"]["checksum"] == "sha256" and "sha256" not in marker
+
+    data = (tmp_path / "step_00000200.pt").read_bytes()
+    marker["chunks"].update(checksum="crc32", digests=[
+        cu.CHUNK_CHECKSUMS["crc32"](data[i:i + marker["chunks"]["bytes"]])
+        for i in range(0, len(data), marker["chunks"]["bytes"])])
+    del marker["signature"]
+    marker["signature"] = signing.marker_signature(marker, KEY)  # signed with the key
+    marker_file.write_text(json.dumps(marker))
+
+    assert manager.load_latest()["step"] == 100
+    assert any("can be forged" in line for line in skipped_lines(caplog))

@@ -12,8 +12,7 @@ plug in: checkpoint_fast, nonfinite_guard, storage_check, checkpoint_staging, jo
 A checkpoint is ``step_00000400.pt`` (``epoch_003.pt``, ``time_*``, ``preempt_*`` alike)
 plus its completion marker ``step_00000400.pt.json`` (sha256, size, step, ...), written
 last; ``last.pt`` links to the newest. A file counts only when its marker exists and its
-bytes match it, so a kill at any moment, even mid-save, leaves only debris that is ignored.
-"""
+bytes match it, so a kill at any moment, even mid-save, leaves only debris that is ignored."""
 
 from __future__ import annotations
 
@@ -36,8 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover
     np = None
 
 log = logging.getLogger("checkpoint")
-
 FORMAT_VERSION = 1
 CHECKPOINT_SUFFIX = ".pt"
 MARKER_SUFFIX = ".json"  # appended to the checkpoint's name: step_00000400.pt.json
@@ -83,15 +82,12 @@ class InvalidJobIdError(CheckpointError, ValueError):
 
 # --------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
-    """Every RNG a run draws from (Python, NumPy, torch CPU and CUDA) as tensors and plain
-    containers, which ``weights_only=True`` reads back."""
+    """Each RNG's state (Python, NumPy, torch CPU and CUDA) in types ``weights_only=True`` reads."""
     version, internal, gauss_next = random.getstate()
-    state = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next},
+             "torch_cpu": torch.get_rng_state(),
+             "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if np is not None:
         algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
         state["numpy"] = {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -110,10 +106,9 @@ def restore_rng_state(state: dict) -> None:
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
         else:
-            log.warning(
-                "checkpoint has CUDA RNG states for %d devices, this process sees %d: "
-                "CUDA random numbers will differ from the uninterrupted run",
-                len(cuda_states), torch.cuda.device_count())
+            log.warning("checkpoint has CUDA RNG states for %d devices, this process sees %d: "
+                        "CUDA random numbers will differ from the uninterrupted run",
+                        len(cuda_states), torch.cuda.device_count())
     if np is not None and "numpy" in state:
         nps = state["numpy"]
         np.random.set_state((nps["algorithm"], nps["keys"].numpy().astype(np.uint32),
@@ -122,10 +117,8 @@ def restore_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- data order
 class ResumableSampler(torch.utils.data.Sampler):
-    """A shuffled order of indices that depends only on (seed, epoch) and can start
-    mid-epoch: ``set_epoch(epoch, start_batch)`` before each epoch, ``start_batch`` batches
-    of it being done. Rank r takes every num_replicas-th index from r."""
-
+    """A shuffled index order fixed by (seed, epoch): ``set_epoch(epoch, start_batch)`` before each
+    epoch skips ``start_batch`` done batches. Rank r takes every num_replicas-th index from r."""
     def __init__(self, dataset_size: int, *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
         self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
@@ -149,8 +142,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter(self.epoch_order(self.epoch)[self.start_batch * self.batch_size:])
 
     def __len__(self) -> int:
-        share = self.dataset_size // self.num_replicas
-        return max(0, share - self.start_batch * self.batch_size)
+        return max(0, self.dataset_size // self.num_replicas - self.start_batch * self.batch_size)
 
     def batches_per_epoch(self, drop_last: bool = True) -> int:
         share = self.dataset_size // self.num_replicas
@@ -191,9 +183,8 @@ def capture_training_state(*, model: torch.nn.Module, progress: TrainingProgress
                            optimizer: torch.optim.Optimizer | None = None, scheduler=None,
                            scaler=None, sampler: ResumableSampler | None = None,
                            extra: dict | None = None) -> dict:
-    """Everything a bitwise-identical resume needs, as a dict; ``extra`` is your own state
-    (a hidden state, the best loss so far). Pass the unwrapped model (``model.module``
-    under DDP). ``capture_training_state(model=m, optimizer=o, progress=p)``."""
+    """Everything a bitwise-identical resume needs, as a dict; ``extra`` is your own state (a
+    hidden state, the best loss so far). Pass the unwrapped model (``model.module`` under DDP)."""
     raise NotImplementedError('Task 1: Capture everything a resume needs (see README.md)')
 
 
@@ -230,7 +221,6 @@ def check_plain_data(value: Any, where: str) -> None:
 class HashingFile(io.BufferedWriter):
     """A file for writing that hashes the bytes on their way to disk: the checksum costs
     no second read. (checkpoint_fast.StreamingHashWriter: the same, faster.)"""
-
     def __init__(self, path: Path):
         super().__init__(io.FileIO(path, "wb"))
         self.sha256, self.size = hashlib.sha256(), 0
@@ -239,6 +229,9 @@ class HashingFile(io.BufferedWriter):
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
         return super().write(data)
+
+    def checksum(self) -> str:
+        return self.sha256.hexdigest()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -258,9 +251,9 @@ def _temp_path(final: Path) -> Path:
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None], *,
                        writer_class: Callable[[Path], Any] = HashingFile) -> tuple[str, int]:
-    """Write so that ``path`` holds its old content or all the new, never a part: a temp
-    file in the same folder, fsync, rename over ``path``, fsync the folder. Returns the
-    sha256 and size written. ``atomic_write_bytes(p, lambda f: torch.save(obj, f))``."""
+    """Write so that ``path`` holds its old content or all the new, never a part: a temp file in
+    the same folder, fsync, rename over ``path``, fsync the folder. Returns the writer's checksum
+    (HashingFile: the sha256) and size. ``atomic_write_bytes(p, lambda f: torch.save(obj, f))``."""
     raise NotImplementedError('Task 3: Write atomically (see README.md)')
 
 
@@ -277,6 +270,11 @@ def sha256_of_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+# checkpoint_fast's markers: a checksum per chunk, made in parallel (why CRC32: see there).
+CHUNK_CHECKSUMS = {"crc32": lambda data: f"{zlib.crc32(data):08x}",
+                   "sha256": lambda data: hashlib.sha256(data).hexdigest()}
+
+
 # --------------------------------------------------------------------------- verification
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
@@ -286,8 +284,9 @@ class CheckpointInfo:
     epoch: int
     kind: str
     saved_at: float
-    sha256: str
+    sha256: str  # "" when the marker has chunks instead
     size: int
+    chunks: tuple = ()  # (checksum, chunk bytes, one digest per chunk): see CHUNK_CHECKSUMS
 
     @property
     def name(self) -> str:
@@ -299,15 +298,16 @@ def marker_path(checkpoint: Path) -> Path:
 
 
 def read_marker(checkpoint: Path) -> CheckpointInfo:
-    """A checkpoint's completion marker; ``CorruptCheckpointError`` when it is missing or
-    unreadable (the save did not finish)."""
+    """A checkpoint's completion marker; ``CorruptCheckpointError`` if missing or unreadable."""
     checkpoint = Path(checkpoint)
     try:
         meta = json.loads(marker_path(checkpoint).read_text())
-        return CheckpointInfo(path=checkpoint, step=int(meta["step"]),
-                              epoch=int(meta["epoch"]), kind=str(meta["kind"]),
-                              saved_at=float(meta["saved_at"]), sha256=str(meta["sha256"]),
-                              size=int(meta["size"]))
+        chunks = meta.get("chunks")  # written by checkpoint_fast
+        return CheckpointInfo(path=checkpoint, step=int(meta["step"]), epoch=int(meta["epoch"]),
+                              kind=str(meta["kind"]), saved_at=float(meta["saved_at"]),
+                              size=int(meta["size"]), sha256=str(meta.get("sha256", "")),
+                              chunks=chunks and (chunks["checksum"], int(chunks["bytes"]),
+                                                 tuple(chunks["digests"])) or ())
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{checkpoint.name}: no completion marker "
                                      f"({marker_path(checkpoint).name}); the save did not "
@@ -326,16 +326,32 @@ def verify_checkpoint(info: CheckpointInfo) -> None:
     if size != info.size:
         raise CorruptCheckpointError(f"{info.name}: {size} bytes on disk, the marker says "
                                      f"{info.size} (truncated or overwritten)")
-    if sha256_of_file(info.path) != info.sha256:
+    if info.chunks:
+        verify_chunks(info)
+    elif sha256_of_file(info.path) != info.sha256:
         raise CorruptCheckpointError(
             f"{info.name}: sha256 does not match the marker (the bytes were changed)")
+
+
+def verify_chunks(info: CheckpointInfo, checksums: Iterable[str] | None = None) -> None:
+    """The check of a marker with chunks, given the file's ``checksums`` (checkpoint_fast
+    computes them in parallel) or computing them here, one chunk after the other."""
+    checksum, size, expected = info.chunks
+    if checksum not in CHUNK_CHECKSUMS or not 0 < size <= 1 << 30 \
+            or len(expected) != math.ceil(info.size / size):
+        raise CorruptCheckpointError(f"{info.name}: the marker's chunks make no sense")
+    with open(info.path, "rb", buffering=0) as f:
+        chunks = map(CHUNK_CHECKSUMS[checksum], iter(lambda: f.read(size), b""))
+        for index, (actual, wanted) in enumerate(zip(checksums or chunks, expected)):
+            if actual != wanted:
+                raise CorruptCheckpointError(f"{info.name}: the {checksum} of the chunk at "
+                                             f"byte {index * size:,} does not match the marker")
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
     """Every checkpoint with a readable marker, oldest first by (step, save time), never
     by file times, which copies and clock skew change. Checksums are not checked here."""
-    directory = Path(directory)
-    found = []
+    directory, found = Path(directory), []
     if not directory.is_dir():
         return found
     for path in filter(lambda p: _NAME_PATTERN.match(p.name), directory.iterdir()):
@@ -359,7 +375,6 @@ def find_latest_valid_checkpoint(directory: Path) -> CheckpointInfo | None:
 
 
 def load_verified_checkpoint(info: CheckpointInfo) -> dict:
-    """``verify_checkpoint``, then ``load_checkpoint_file``."""
     verify_checkpoint(info)
     return load_checkpoint_file(info.path)
 
@@ -467,10 +482,8 @@ def remove_unfinished_saves(directory: Path) -> list[Path]:
 class SaveSchedule:
     """Save every ``every_steps`` steps, every ``every_epochs`` epochs, or ``every_seconds``
     after the last save, whichever comes first (None turns one off)."""
-
     def __init__(self, *, every_steps: int | None = None, every_epochs: int | None = None,
-                 every_seconds: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 every_seconds: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.every_seconds, self.clock, self.last_save = every_seconds, clock, clock()
 
@@ -507,13 +520,10 @@ def library_versions() -> dict:
 
 
 class CheckpointManager:
-    """Saves, rotates and finds checkpoints in one folder, where one process saves (rank
-    0 under DDP): ``manager.load_latest()`` (None on the first run), ``manager.save(state,
-    step=progress.step, epoch=progress.epoch, kind="step")``."""
-
+    """Saves, rotates and finds checkpoints in one folder, where one process saves (rank 0 under
+    DDP): ``load_latest()`` (None on the first run), then ``save(state, step=..., epoch=...)``."""
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_time: int = 2,
-                 keep_epochs: int | None = None, max_bytes: int | None = None,
-                 world_size: int = 1):
+                 keep_epochs: int | None = None, max_bytes: int | None = None, world_size: int = 1):
         if keep < 1:
             raise ValueError("keep must be at least 1")
         log_to_stderr_unless_configured()
@@ -541,25 +551,26 @@ class CheckpointManager:
         started = time.perf_counter()
         name = KIND_NAME_FORMAT[kind].format(step=step, epoch=epoch) + CHECKPOINT_SUFFIX
         path = self.directory / name
-        state = {**state, "meta": self._meta(step, epoch, kind, saved_at)}
-        digest, size = self._write_file(path, state)
+        meta = {"format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "kind": kind,
+                "saved_at": saved_at, "world_size": self.world_size,
+                "versions": library_versions(), "host": platform.node()}
+        checksums = self._write_file(path, {**state, "meta": meta})
         # The marker is written last: it is the proof that the file above is complete.
-        marker = self._marker({**state["meta"], "sha256": digest, "size": size})
-        atomic_write_json(marker_path(path), marker)
+        atomic_write_json(marker_path(path), self._marker({**meta, **checksums}))
         update_last_pointer(self.directory, name)
-        info = CheckpointInfo(path=path, step=step, epoch=epoch, kind=kind,
-                              saved_at=saved_at, sha256=digest, size=size)
-        self.last_saved, elapsed = info, time.perf_counter() - started
+        info = self.last_saved = read_marker(path)
+        elapsed = time.perf_counter() - started
         self.save_seconds, self.save_count = self.save_seconds + elapsed, self.save_count + 1
         log.info("saved %s (step %d, epoch %d, %.1f MB, %.2f s)",
-                 name, step, epoch, size / 1e6, elapsed)
+                 name, step, epoch, info.size / 1e6, elapsed)
         rotate_checkpoints(self.directory, keep=self.keep, keep_time=self.keep_time,
-                           keep_epochs=self.keep_epochs,
-                           max_bytes=self.max_bytes, protect=[path])
+                           keep_epochs=self.keep_epochs, max_bytes=self.max_bytes, protect=[path])
         return info
 
-    def _write_file(self, path: Path, state: dict) -> tuple[str, int]:
-        return atomic_write_bytes(path, lambda f: torch.save(state, f))
+    def _write_file(self, path: Path, state: dict) -> dict:
+        """Save ``state`` to ``path`` atomically; return the marker's size and checksum."""
+        digest, size = atomic_write_bytes(path, lambda f: torch.save(state, f))
+        return {"sha256": digest, "size": size}
 
     def _marker(self, meta: dict) -> dict:  # checkpoint_signing.SigningMixin signs it
         return meta
@@ -575,11 +586,6 @@ class CheckpointManager:
                 os.replace(path, folder / path.name)
         fsync_directory(self.directory)
         log.warning("moved %s to %s/ for inspection", info.name, folder.name)
-
-    def _meta(self, step: int, epoch: int, kind: str, saved_at: float) -> dict:
-        return {"format_version": FORMAT_VERSION, "step": step, "epoch": epoch,
-                "kind": kind, "saved_at": saved_at, "world_size": self.world_size,
-                "versions": library_versions(), "host": platform.node()}
 
     def load_latest(self, *, quarantine: bool = True) -> dict | None:
         """The newest valid checkpoint, loaded on the CPU, or None. Corrupt and unsafe ones
@@ -607,7 +613,7 @@ class CheckpointManager:
             log.info("no checkpoint in %s: starting fresh", self.directory)
 
 
-# --------------------------------------------------------------------------- preemption
+# --------------------------------------------------------------------------- preemption, requeue
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -617,7 +623,6 @@ class PreemptionHandler:
     or print, a reentrant-call error). ``with PreemptionHandler() as preemption:`` puts the
     previous handlers back at the end; after each step, ``if preemption.requested:`` save
     with ``kind="preempt"`` and call ``exit_after_preemption(preemption)``."""
-
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
         self.signals = tuple(signals)
         self.received: list[int] = []
@@ -662,7 +667,6 @@ class EmergencyDeadline:
     must not eat the time Slurm leaves before SIGKILL. If the interpreter itself is stuck
     (a C call holding the GIL), faulthandler's C watchdog exits a few seconds later.
     ``with EmergencyDeadline(60): manager.save(state, ..., kind="preempt")``"""
-
     def __init__(self, seconds: float, backstop_seconds: float = 5.0):
         self.seconds, self.backstop_seconds = seconds, backstop_seconds
         self._timer: threading.Timer | None = None
@@ -687,7 +691,6 @@ class EmergencyDeadline:
             self._timer.cancel()
 
 
-# --------------------------------------------------------------------------- Slurm requeue
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 
 
@@ -707,9 +710,8 @@ def slurm_job_id(environ: dict | None = None) -> str | None:
 
 def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
                       timeout: float = 30.0) -> bool:
-    """``scontrol requeue <id>`` (an argument list, never a shell). True when Slurm
-    accepted; False, with a log line saying why, outside Slurm, without ``scontrol`` on
-    PATH (in a container, say) or when Slurm refused."""
+    """``scontrol requeue <id>`` (an argument list, never a shell): True if Slurm accepted, False
+    (logging why) outside Slurm, without ``scontrol`` on PATH (a container?) or if Slurm refused."""
     job_id = slurm_job_id(environ)
     if job_id is None:
         log.warning("not running under Slurm (no SLURM_JOB_ID): not requeueing")
@@ -735,8 +737,7 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 
 
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
-    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, or exit
-    ``EXIT_PREEMPTED`` when requeueing is off or failed."""
+    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, else ``EXIT_PREEMPTED``."""
     log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
     # A requeue makes Slurm SIGTERM every process of the job, the batch shell may forward
     # more: ignore them, so that no late signal turns this clean exit into a kill (143).
