@@ -284,7 +284,7 @@ class TransformerLike(torch.nn.Module):
 def training_setup(nbytes: int, tokens: int = 512):
     """A model, AdamW and a batch whose training state (weights and two moments) is about
     ``nbytes``; the step: ``tokens`` tokens forward and backward, then the AdamW step."""
-    width = 1024 if nbytes >= 600e6 else 512 if nbytes >= 100e6 else 256
+    width = 1024 if nbytes >= 600e6 else 512 if nbytes >= 100e6 else 256 if nbytes >= 20e6 else 64
     vocab = 8 * width
     per_layer = 12 * width * width
     layers = max(1, round((nbytes / 12 - 2 * vocab * width) / per_layer))
