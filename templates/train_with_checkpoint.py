@@ -400,12 +400,16 @@ def train(args, preemption: PreemptionHandler) -> int:
                                           kind=pending.kind):
                 pending.wait()
 
-    def save(kind: str, background: bool = False) -> None:
-        finish_background_save()
+    def training_state() -> dict:
         state = capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, sampler=sampler, progress=progress)
         if guard and guard.has_history():  # else the checkpoint stays as without a guard
             state[nonfinite_guard.STATE_KEY] = guard.state_dict()
+        return state
+
+    def save(kind: str, background: bool = False) -> None:
+        finish_background_save()
+        state = training_state()
         if background:  # the weights are copied while the next step computes its gradients
             in_flight.append((manager.save_async(state, step=progress.step,
                                                  epoch=progress.epoch, kind=kind,
@@ -433,7 +437,7 @@ def train(args, preemption: PreemptionHandler) -> int:
         log.info("rolled back to %s (step %d, epoch %d)", info.name, info.step, info.epoch)
         return restored
 
-    started = time.monotonic()
+    started, first_step = time.monotonic(), progress.step + 1
     model.train()
     while progress.step < args.steps:
         sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
@@ -461,6 +465,8 @@ def train(args, preemption: PreemptionHandler) -> int:
                 break  # the data order restarts at the restored position
             if progress.step >= args.steps:
                 break  # finished: a late signal changes nothing
+            if args.async_save and progress.step == first_step:  # the optimizer state exists
+                manager.prepare_async_save(training_state())  # fresh memory is slow to touch
             if preemption.requested:
                 log.info("received %s at step %d: saving", preemption.signal_name,
                          progress.step)
