@@ -62,7 +62,7 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 CORRUPTIONS = ("truncated", "bit-flipped", "emptied", "marker deleted")
 IN_FLIGHT_PREFIX = ".tmp-"  # how the kits name a save that is being written
 IN_FLIGHT_SUFFIX = "_temp"  # how TensorFlow names the folder of a save being written
-EXIT_REQUEUED, EXIT_PREEMPTED = 3, 75
+EXIT_REQUEUED, EXIT_PREEMPTED, EXIT_STOPPED = 3, 75, 143  # 143: after SIGTERM, no requeue
 TF_MARKER = re.compile(r"^ckpt-(\d+)\.json$")
 SAVE_COUNT = re.compile(r"(\d+) checkpoint saves took")
 
@@ -147,6 +147,8 @@ class Fault(Interruption):
         if self.kind in ("disk-full", "read-only"):
             return None
         codes = {0, EXIT_REQUEUED, EXIT_PREEMPTED}
+        if sent == signal.SIGTERM:
+            codes.add(EXIT_STOPPED)
         if self.kind == "signal-at-start":  # before Python runs the handler: the default
             codes |= {-sent, 128 + sent}
         if self.kind == "double-signal":

@@ -23,6 +23,7 @@ TARGETS = [REPO / "templates" / "tf_checkpoint_utils.py"]
 # In the order they are written; each is a top-level class, function or assignment.
 SHARED_NAMES = [
     "TEMP_PREFIX", "EXIT_FINISHED", "EXIT_REQUEUED", "EXIT_SAVE_TIMEOUT", "EXIT_PREEMPTED",
+    "EXIT_STOPPED",
     "CheckpointError", "CorruptCheckpointError", "InvalidJobIdError",
     "HashingFile", "fsync_directory", "_temp_path", "atomic_write_bytes",
     "atomic_write_json",

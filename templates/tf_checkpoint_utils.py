@@ -338,6 +338,7 @@ EXIT_FINISHED = 0
 EXIT_REQUEUED = 3  # preempted, saved and requeued
 EXIT_SAVE_TIMEOUT = 4  # the emergency save did not finish in time
 EXIT_PREEMPTED = 75  # preempted and saved, not requeued: resubmit (EX_TEMPFAIL)
+EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM (scancel) and saved: not requeued
 
 
 class CheckpointError(Exception):
@@ -369,8 +370,7 @@ class HashingFile(io.BufferedWriter):
 
 
 def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable (where the file system allows:
-    some network file systems refuse fsync on a directory)."""
+    """Make a rename or unlink in ``directory`` durable (some network file systems refuse)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -481,8 +481,7 @@ class EmergencyDeadline:
 
     def __exit__(self, *exc) -> None:
         faulthandler.cancel_dump_traceback_later()
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
 
 
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
@@ -531,16 +530,18 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 
 
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
-    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, else ``EXIT_PREEMPTED``."""
-    log.info("stopping after %s: checkpoint saved", handler.signal_name or "a stop request")
-    # A requeue makes Slurm SIGTERM every process of the job, the batch shell may forward
-    # more: ignore them, so that no late signal turns this clean exit into a kill (143).
+    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, else ``EXIT_PREEMPTED``;
+    after SIGTERM (``scancel``; Slurm ending the job) exit ``EXIT_STOPPED``, not requeued."""
+    stopped = handler.signal_name == "SIGTERM"  # a requeue would undo a user's scancel
+    log.info("stopping after %s: checkpoint saved%s", handler.signal_name or "a stop request",
+             ", not requeued (SIGTERM: scancel, or Slurm ending the job)" if stopped else "")
+    # Late signals (a requeue makes Slurm SIGTERM the job) must not turn this into a kill.
     handler.ignore_further_signals()
-    if requeue:
+    if requeue and not stopped:
         try:
             if requeue_slurm_job():
                 sys.exit(EXIT_REQUEUED)
         except InvalidJobIdError as error:  # the checkpoint is saved; report, stop cleanly
             log.error("%s", error)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(EXIT_STOPPED if stopped else EXIT_PREEMPTED)
 # ----- END shared code

@@ -21,7 +21,8 @@ What DDP changes, and how this file deals with it:
   still alive exit 6. srun --kill-on-bad-exit then ends the stuck one; resume as usual.
 
 Exit codes, the same on every rank: 0 finished; 3 preempted, saved and requeued (rank 0
-runs scontrol); 75 preempted and saved but not requeued; 4 the emergency save took longer
+runs scontrol); 75 preempted and saved but not requeued; 143 stopped by SIGTERM (scancel)
+and saved, never requeued; 4 the emergency save took longer
 than --emergency-save-timeout. 6 (on the ranks still alive) a rank made no progress for
 --peer-timeout seconds; 7 the checkpoint folder cannot hold the checkpoints (every rank
 checks it before training). The NaN/Inf guard of train_with_checkpoint.py is not used
@@ -294,7 +295,7 @@ def settle_gradient_buckets(model: DistributedDataParallel, optimizer, dataset,
 
 def agreed_exit_code(preemption: PreemptionHandler, *, requeue: bool) -> int:
     """Rank 0 requeues the job (one ``scontrol requeue`` per job, not one per rank) and
-    every rank returns rank 0's exit code: 3 requeued, 75 not.
+    every rank returns rank 0's exit code: 3 requeued, 75 not, 143 stopped by SIGTERM.
 
     Example::
 

@@ -14,8 +14,9 @@ By default torchrun does not pass SIGUSR1/SIGUSR2 on to the ranks (it does pass 
 signal the ranks themselves, launch with srun, or see distributed_utils.py.
 
 Exit codes, the same on every rank: 0 finished; 3 preempted, saved and requeued; 75
-preempted and saved but not requeued; 4 the emergency save took longer than
---emergency-save-timeout (the previous checkpoint is still valid).
+preempted and saved but not requeued; 143 stopped by SIGTERM (scancel) and saved, never
+requeued; 4 the emergency save took longer than --emergency-save-timeout (the previous
+checkpoint is still valid).
 
 To adapt it, change the three blocks marked "CHANGE ME" (data, model and optimizer,
 loss). Needs PyTorch, and checkpoint_utils.py, distributed_utils.py and
@@ -45,6 +46,7 @@ from checkpoint_utils import (
     EXIT_FINISHED,
     EXIT_PREEMPTED,
     EXIT_REQUEUED,
+    EXIT_STOPPED,
     CheckpointError,
     EmergencyDeadline,
     InvalidJobIdError,
@@ -230,10 +232,14 @@ def exit_code_after_preemption(preemption: PreemptionHandler, requeue: bool) -> 
     dist.barrier()
     code = [EXIT_PREEMPTED]
     if dist.get_rank() == 0:
-        log.info("stopping after %s: checkpoint saved",
-                 preemption.signal_name or "a signal to another rank")
+        stopped = preemption.signal_name == "SIGTERM"  # a requeue would undo a user's scancel
+        log.info("stopping after %s: checkpoint saved%s",
+                 preemption.signal_name or "a signal to another rank",
+                 ", not requeued (SIGTERM: scancel, or Slurm ending the job)" if stopped else "")
         try:
-            if requeue and requeue_slurm_job():
+            if stopped:
+                code = [EXIT_STOPPED]
+            elif requeue and requeue_slurm_job():
                 code = [EXIT_REQUEUED]
         except InvalidJobIdError as error:
             log.error("%s", error)

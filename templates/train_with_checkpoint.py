@@ -6,10 +6,12 @@ bitwise identical to those of a run that was never interrupted.
 
     python train_with_checkpoint.py --ckpt-dir checkpoints --steps 600
     kill -USR1 <pid>      # saves at the end of the current step, requeues under Slurm
+    kill -TERM <pid>      # saves and stops, never requeued (what scancel sends)
     python train_with_checkpoint.py --ckpt-dir checkpoints --steps 600   # resumes
 
 Exit codes: 0 finished; 3 preempted, saved and requeued; 75 preempted and saved but not
-requeued (resubmit, or let the batch script requeue); 4 the emergency save took longer
+requeued (resubmit, or let the batch script requeue); 143 stopped by SIGTERM (scancel, or
+Slurm ending the job) and saved, never requeued; 4 the emergency save took longer
 than --emergency-save-timeout (the previous checkpoint is still valid); 5 the loss stayed
 NaN/Inf after the allowed rollbacks (see the [nonfinite] lines of the log); 7 the checkpoint
 folder cannot be written or is too small (checked before training starts).

@@ -349,13 +349,25 @@ def slurm_job_with_fake_scontrol(fake_scontrol, monkeypatch):
     return make
 
 
-def preempted_handler() -> cu.PreemptionHandler:
-    """A handler that really received SIGUSR1 while it was installed."""
-    with cu.PreemptionHandler(signals=(signal.SIGUSR1,)) as handler:
-        os.kill(os.getpid(), signal.SIGUSR1)
+def preempted_handler(sig: signal.Signals = signal.SIGUSR1) -> cu.PreemptionHandler:
+    """A handler that really received ``sig`` while it was installed."""
+    with cu.PreemptionHandler(signals=(sig,)) as handler:
+        os.kill(os.getpid(), sig)
         wait_until(lambda: handler.requested)
     assert handler.requested
     return handler
+
+
+def test_after_sigterm_scancel_means_cancel_no_requeue(slurm_job_with_fake_scontrol, caplog):
+    """SIGTERM is what scancel sends: the checkpoint is saved, the job is not requeued
+    (a requeue would bring back a job its owner cancelled), whatever --requeue says."""
+    record = slurm_job_with_fake_scontrol()
+    caplog.set_level(logging.INFO, logger="checkpoint")
+    with pytest.raises(SystemExit) as exited:
+        cu.exit_after_preemption(preempted_handler(signal.SIGTERM), requeue=True)
+    assert exited.value.code == cu.EXIT_STOPPED == 143
+    assert recorded_calls(record) is None
+    assert any("SIGTERM" in m and "not requeued" in m for m in checkpoint_messages(caplog))
 
 
 def test_exit_after_preemption_requeues_and_exits_3(slurm_job_with_fake_scontrol, caplog):

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+import checkpoint_utils as cu
 from compare_checkpoints import checkpoint_differences
 from copy_lists import copy_set
 from conftest import TEMPLATES
@@ -102,6 +103,29 @@ def test_signalled_job_saves_requeues_and_resumes(who_requeues, slurm, tmp_path,
     assert expected in output
     assert "SLURM_RESTART_COUNT=1" in output and "resumed from preempt_" in output
     assert_same_run(reference(300), project / "checkpoints/last.pt", output_file)
+
+
+@pytest.mark.parametrize("sbatch", ["preemptible.sbatch", "preemptible_srun.sbatch"])
+def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(sbatch, slurm, tmp_path):
+    """A user's scancel (SIGTERM to the job) must end it: the kit saves, and does not
+    requeue, in the trap form and the srun form alike. The USR1 tests above still
+    requeue: the warning signal is USR1, scancel's is TERM."""
+    project = user_project(tmp_path, *KIT, sbatch)
+    job_id = slurm.submit(project / sbatch, project, TRAIN_ARGS=SLOW.format(steps=3000))
+    job_name = {"preemptible.sbatch": "ckpt-preemptible", "preemptible_srun.sbatch": "ckpt-srun"}
+    output_file = project / f"{job_name[sbatch]}-{job_id}.out"
+    wait_for_step(slurm, output_file, 100, job_id)
+    slurm.run("scancel", job_id)
+
+    job = slurm.wait_final(job_id, timeout=120)
+    output = output_file.read_text()
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", output
+    assert "not requeued (SIGTERM: scancel" in output, output
+    saved = [info for info in cu.list_checkpoints(project / "checkpoints")
+             if info.kind == "preempt"]
+    assert saved, output
+    cu.verify_checkpoint(saved[-1])
+    assert saved[-1].step >= 100 and "requeued Slurm job" not in output
 
 
 def test_srun_form_delivers_the_signal_to_the_step(slurm, tmp_path, reference):

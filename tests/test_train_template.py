@@ -63,7 +63,7 @@ def test_preempted_job_saves_and_requeues_itself(variables, expected_id, fake_sc
 def test_without_scontrol_exits_75_for_the_batch_script(tmp_path, python_exe):
     env = slurm_env(SLURM_JOB_ID="321")
     env["PATH"] = os.path.dirname(python_exe)  # python only: no scontrol anywhere
-    attempt = run_once(command(python_exe, tmp_path), Interruption(40, signal.SIGTERM), env=env)
+    attempt = run_once(command(python_exe, tmp_path), Interruption(40, signal.SIGUSR1), env=env)
     assert attempt.exit_code == 75
     assert any("not on PATH" in line for line in attempt.output)
     assert (tmp_path / "last.pt").exists()

@@ -57,6 +57,7 @@ EXIT_FINISHED = 0
 EXIT_REQUEUED = 3  # preempted, saved and requeued
 EXIT_SAVE_TIMEOUT = 4  # the emergency save did not finish in time
 EXIT_PREEMPTED = 75  # preempted and saved, not requeued: resubmit (EX_TEMPFAIL)
+EXIT_STOPPED = 128 + signal.SIGTERM  # stopped by SIGTERM (scancel) and saved: not requeued
 
 KIND_NAME_FORMAT = {"step": "step_{step:08d}", "epoch": "epoch_{epoch:03d}",
                     "time": "time_{step:08d}", "preempt": "preempt_{step:08d}"}
@@ -262,8 +263,7 @@ class HashingFile(io.BufferedWriter):
 
 
 def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable (where the file system allows:
-    some network file systems refuse fsync on a directory)."""
+    """Make a rename or unlink in ``directory`` durable (some network file systems refuse)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -555,8 +555,7 @@ class SaveSchedule:
 
 # --------------------------------------------------------------------------- the manager
 def log_to_stderr_unless_configured() -> None:
-    """The kit's lines are the job's record of what was saved, skipped and resumed: print
-    them to stderr until the program configures logging (Python would show warnings only)."""
+    """Print the kit's lines (the job's record) to stderr until the program sets up logging."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.addFilter(lambda record: not logging.getLogger().handlers)
@@ -746,5 +745,6 @@ def requeue_slurm_job(environ: dict | None = None, scontrol: str = "scontrol",
 
 
 def exit_after_preemption(handler: PreemptionHandler, *, requeue: bool = True) -> None:
-    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, else ``EXIT_PREEMPTED``."""
+    """After the emergency save: requeue and exit ``EXIT_REQUEUED``, else ``EXIT_PREEMPTED``;
+    after SIGTERM (``scancel``; Slurm ending the job) exit ``EXIT_STOPPED``, not requeued."""
     raise NotImplementedError('Task 3: Exit with the right code (see README.md)')

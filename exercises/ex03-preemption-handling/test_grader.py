@@ -401,10 +401,10 @@ def test_no_requeue_returns_false_and_says_why(task_kit, tmp_path, monkeypatch, 
 
 
 # ----------------------------------------------------------------------------- task 3
-def preempted_handler(task_kit):
+def preempted_handler(task_kit, sig=signal.SIGUSR1):
     handler = task_kit.PreemptionHandler()
     handler.install()
-    send_to_myself(signal.SIGTERM)
+    send_to_myself(sig)
     return handler
 
 
@@ -464,6 +464,20 @@ def test_exit_75_when_not_requeued(task_kit, safe_signals, in_slurm, monkeypatch
 
 
 @pytest.mark.task(3)
+def test_after_sigterm_exit_143_and_never_requeue(task_kit, safe_signals, in_slurm):
+    """after SIGTERM, what scancel sends: exit 143, never requeued"""
+    handler = preempted_handler(task_kit, signal.SIGTERM)
+    code = exit_code_of(task_kit, handler)
+    handler.uninstall()
+    assert recorded(in_slurm) is None, (
+        "after SIGTERM it ran scontrol requeue: SIGTERM is what scancel sends, so the job "
+        "its owner cancelled comes back. Requeue after the warning signals (USR1, USR2) "
+        "only: check handler.signal_name")
+    assert code == 143, (f"after SIGTERM it exited {code!r}, expected 143 (EXIT_STOPPED): "
+                         "saved and stopped for good")
+
+
+@pytest.mark.task(3)
 def test_late_signals_are_ignored_on_the_way_out(task_kit, safe_signals, in_slurm):
     """after exit_after_preemption, even after the `with` block, the signals are ignored"""
     handler = preempted_handler(task_kit)
@@ -478,13 +492,14 @@ def test_late_signals_are_ignored_on_the_way_out(task_kit, safe_signals, in_slur
 
 @pytest.mark.task(3)
 def test_preempted_training_job_requeues_itself(task_kit, tmp_path):
-    """a real SIGTERM to a training run under Slurm: saved, requeued, exit 3"""
+    """a real SIGUSR1 (the time-limit warning) to a training run under Slurm: saved,
+    requeued, exit 3"""
     argv = fake_scontrol(tmp_path / "bin")
     attempt = run_once(train_command(kit_folder(task_kit), tmp_path / "ckpt"),
-                       Interruption(SIGNAL_AT, signal.SIGTERM),
+                       Interruption(SIGNAL_AT, signal.SIGUSR1),
                        env=env_without_slurm(tmp_path / "bin", SLURM_JOB_ID="4242"))
     assert attempt.exit_code == 3, (
-        f"after SIGTERM the training job exited {attempt.exit_code}, expected 3. Its last "
+        f"after SIGUSR1 the training job exited {attempt.exit_code}, expected 3. Its last "
         f"lines:\n    {tail(attempt)}")
     assert recorded(argv) == ["requeue", "4242"], f"scontrol was run with {recorded(argv)}"
 
