@@ -128,7 +128,9 @@ def test_interrupted_by_real_signals_ends_bitwise_identical(project, reference, 
     attempts = run_until_finished(resumable_command(project, tmp_path), interruptions,
                                   env=alone(), timeout=RUN_TIMEOUT)
 
-    expected = [-signal.SIGKILL if i.signal == signal.SIGKILL else 75 for i in interruptions]
+    # SIGTERM is scancel's signal: saved and stopped for good (143); the others 75.
+    code_after = {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}
+    expected = [code_after.get(i.signal, 75) for i in interruptions]
     assert [a.exit_code for a in attempts] == expected + [0], [i.at_step for i in interruptions]
     assert_same_run(reference, tmp_path, [line for a in attempts for line in a.output])
     assert "checkpoint saves took" in attempts[-1].output[-1]

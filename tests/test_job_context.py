@@ -121,3 +121,25 @@ def test_real_job_logs_its_context_in_each_run_with_the_restart_count(slurm, tmp
         assert ("warning signal:    SIGUSR1 45 s before the time limit, to the batch shell "
                 "(B:)") in block
         assert f"checkpoint folder: {project / 'checkpoints'}\n" in block
+
+
+# --------------------------------------------------------------------------- torchrun
+TORCHRUN_SCRIPT = "#!/bin/bash\n#SBATCH --signal=USR2@60\nsrun torchrun --standalone {flags}train.py\n"
+TORCHRUN_WORKER = {"SLURM_STEP_ID": "0", "TORCHELASTIC_RUN_ID": "none"}
+
+
+@pytest.mark.parametrize("flags, environ, problem", [
+    ("", TORCHRUN_WORKER, "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"),
+    ("--signals-to-handle SIGTERM,SIGUSR2 ", TORCHRUN_WORKER, None),
+    ("", {"SLURM_STEP_ID": "0"}, None),  # srun python: the step's own process
+])
+def test_a_torchrun_worker_is_told_that_torchrun_keeps_the_warning(flags, environ, problem):
+    """torchrun passes SIGTERM on to its workers, not SIGUSR1/SIGUSR2, unless told to."""
+    import job_context
+    found = job_context.signal_route_problem(TORCHRUN_SCRIPT.format(flags=flags), environ)
+    if problem is None:
+        assert found is None
+    else:
+        assert "torchrun worker" in found and problem in found and "ddp.sbatch" in found
+    terminate = TORCHRUN_SCRIPT.replace("USR2@60", "TERM@60").format(flags="")
+    assert job_context.signal_route_problem(terminate, TORCHRUN_WORKER) is None
