@@ -97,8 +97,9 @@ def signal_route_problem(script: str, environ: dict | None = None) -> str | None
                 f"and {forward}")
     if (name != "TERM" and "TORCHELASTIC_RUN_ID" in env
             and not re.search(rf"--signals[-_]to[-_]handle[= ]\S*\bSIG{name}\b", code)):
-        return (f"this process is a torchrun worker, and torchrun does not pass SIG{name} on "
-                f"(it passes SIGTERM): the signal stops at torchrun. Fix: 'torchrun "
+        return (f"this process is a torchrun worker, and torchrun does not handle SIG{name} "
+                f"(only SIGTERM): signalled itself, it dies of it and its step ends while this "
+                f"process saves (measured under srun), and it passes nothing on. Fix: 'torchrun "
                 f"--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG{name} ...', or 'srun "
                 f"python ...' with one task per rank (templates/ddp.sbatch)")
     return None

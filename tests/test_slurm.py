@@ -366,6 +366,25 @@ def test_preflight_names_the_fix_for_each_launch_form_and_the_fix_passes(form, s
     assert "0 failed" in output, output
 
 
+def test_preflight_names_the_torchrun_fix_and_the_fix_passes(slurm, tmp_path):
+    """srun torchrun, --signal=USR2 (no B:): Slurm signals every process of the step, so
+    the worker hears USR2, but torchrun, which handles only SIGTERM, dies of it and ends
+    the step while the worker saves. The preflight says so, and names the flag; with it,
+    torchrun passes the signal on and waits for its worker."""
+    project = user_project(tmp_path, *copy_set("preflight"))
+    launch = ("srun torchrun --standalone --nproc_per_node=1 {flags}preflight.py "
+              "--state-mb 1 --wait 3\n")
+    output = preflight_job(slurm, project, "broken", "USR2@60", launch.format(flags=""))
+    route = next(line for line in output.splitlines() if "signal route:" in line)
+    assert route.startswith("FAIL") and "torchrun worker" in route, output
+    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2" in route, output
+    assert "User defined signal 2" in output, output  # srun saw torchrun die of it
+    flag = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2 "
+    output = preflight_job(slurm, project, "fixed", "USR2@60", launch.format(flags=flag))
+    assert "PASS  signal route:" in output and "PASS  signal delivery:" in output, output
+    assert "0 failed" in output, output
+
+
 def test_a_training_job_says_at_start_up_that_its_signal_cannot_arrive(slurm, tmp_path):
     """A public guide's shape (--signal without B:, python run in the batch script): the
     job's first lines say that the warning will never reach it, and what to change."""
