@@ -60,8 +60,14 @@ def check_directives(script: str, job_id: str, problem: str | None):
                "under srun): the job gets no warning before its time limit")
     else:
         name, batch, lead = found
-        report("PASS", "--signal", f"SIG{name} {lead} s before the limit, to "
-               f"{'the batch shell (B:)' if batch else 'job steps (srun) only'}")
+        where = 'the batch shell (B:)' if batch else 'job steps (srun) only'
+        if name == "TERM":  # scancel's signal: the kit saves and stops, never requeues
+            report("WARN", "--signal", f"SIGTERM {lead} s before the limit, to {where}: the kit "
+                   "saves and stops on SIGTERM without a requeue (it is what scancel sends), "
+                   f"so this job will not go on. Ask for USR1: '--signal={'B:' if batch else ''}"
+                   f"USR1@{lead}'")
+        else:
+            report("PASS", "--signal", f"SIG{name} {lead} s before the limit, to {where}")
         report("FAIL" if problem else "PASS", "signal route",
                problem or "this process is where that signal goes, or it is passed on")
     # What the job really has: the cluster's JobRequeue default applies without the flag.

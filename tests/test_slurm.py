@@ -366,6 +366,16 @@ def test_preflight_names_the_fix_for_each_launch_form_and_the_fix_passes(form, s
     assert "0 failed" in output, output
 
 
+def test_preflight_warns_that_a_sigterm_warning_stops_the_job_for_good(slurm, tmp_path):
+    """SIGTERM is scancel's signal, after which the kit never requeues: as the time-limit
+    warning it would end the job instead of continuing it. The preflight says so."""
+    project = user_project(tmp_path, *copy_set("preflight"))
+    output = preflight_job(slurm, project, "term", "B:TERM@60", f"exec {PREFLIGHT}\n")
+    line = next(line for line in output.splitlines() if "  --signal:" in line)
+    assert line.startswith("WARN") and "without a requeue" in line, output
+    assert "Ask for USR1: '--signal=B:USR1@60'" in line, output
+
+
 def test_preflight_names_the_torchrun_fix_and_the_fix_passes(slurm, tmp_path):
     """srun torchrun, --signal=USR2 (no B:): Slurm signals every process of the step, so
     the worker hears USR2, but torchrun, which handles only SIGTERM, dies of it and ends
