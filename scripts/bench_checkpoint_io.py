@@ -330,16 +330,9 @@ def measure_async_save(nbytes: int, folder: Path, repeats: int,
     sync_seconds = timed(lambda: sync.save(state(), step=next(counter), epoch=0), repeats,
                          before)
     plain = timed(lambda: [step() for _ in range(STEPS_AFTER)], repeats + 1, lambda: None)[1:]
-    calls = []
-    for index in range(repeats + 1):  # one cold call, then `repeats` warm ones
-        started = time.perf_counter()
-        pending = manager.save_async(state(), step=index + 1, epoch=0, optimizer=optimizer)
-        for _ in range(STEPS_AFTER):
-            step()
-        step_seconds = time.perf_counter() - started
-        pending.wait()
-        calls.append({"blocked_s": pending.blocked_seconds, "step_s": step_seconds,
-                      "until_saved_s": time.perf_counter() - started})
+    # One cold call, then `repeats` warm ones.
+    calls = [save_async_then_train(manager, state, step, optimizer, index + 1)
+             for index in range(repeats + 1)]
     print(f"  kit fast: async save, blocked {calls[0]['blocked_s']:.3f} s cold, "
           f"{min(c['blocked_s'] for c in calls[1:]):.3f} s warm", flush=True)
     prepared, prepare_seconds = first_save_after_prepare(
@@ -347,6 +340,20 @@ def measure_async_save(nbytes: int, folder: Path, repeats: int,
     return {"state_bytes": state_nbytes, "sync_save_s": sync_seconds, "plain_step_s": plain,
             "cold": calls[0], "warm": calls[1:], "after_prepare": prepared,
             "prepare_s": prepare_seconds}
+
+
+def save_async_then_train(manager, state: Callable[[], dict], step: Callable[[], None],
+                          optimizer, at_step: int) -> dict:
+    """One save_async, then STEPS_AFTER training steps: the time training was blocked,
+    the call and the steps together, and until the background save was done."""
+    started = time.perf_counter()
+    pending = manager.save_async(state(), step=at_step, epoch=0, optimizer=optimizer)
+    for _ in range(STEPS_AFTER):
+        step()
+    step_seconds = time.perf_counter() - started
+    pending.wait()
+    return {"blocked_s": pending.blocked_seconds, "step_s": step_seconds,
+            "until_saved_s": time.perf_counter() - started}
 
 
 def first_save_after_prepare(state: Callable[[], dict], step: Callable[[], None], optimizer,
@@ -358,13 +365,7 @@ def first_save_after_prepare(state: Callable[[], dict], step: Callable[[], None]
     manager.prepare_async_save(state())
     manager.wait_for_saves()
     prepare_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    pending = manager.save_async(state(), step=1, epoch=0, optimizer=optimizer)
-    for _ in range(STEPS_AFTER):
-        step()
-    step_seconds = time.perf_counter() - started
-    pending.wait()
-    return {"blocked_s": pending.blocked_seconds, "step_s": step_seconds}, prepare_seconds
+    return save_async_then_train(manager, state, step, optimizer, 1), prepare_seconds
 
 
 # ----------------------------------------------------------------------------- report

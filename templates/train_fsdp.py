@@ -45,17 +45,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from checkpoint_utils import (
     EXIT_FINISHED,
     EXIT_PREEMPTED,
-    EXIT_REQUEUED,
-    EXIT_STOPPED,
     CheckpointError,
     EmergencyDeadline,
-    InvalidJobIdError,
     PreemptionHandler,
     ResumableSampler,
     SaveSchedule,
     TrainingProgress,
     atomic_write_bytes,
-    requeue_slurm_job,
+    exit_after_preemption,
 )
 from distributed_utils import (
     DistributedContext,
@@ -232,17 +229,10 @@ def exit_code_after_preemption(preemption: PreemptionHandler, requeue: bool) -> 
     dist.barrier()
     code = [EXIT_PREEMPTED]
     if dist.get_rank() == 0:
-        stopped = preemption.signal_name == "SIGTERM"  # a requeue would undo a user's scancel
-        log.info("stopping after %s: checkpoint saved%s",
-                 preemption.signal_name or "a signal to another rank",
-                 ", not requeued (SIGTERM: scancel, or Slurm ending the job)" if stopped else "")
-        try:
-            if stopped:
-                code = [EXIT_STOPPED]
-            elif requeue and requeue_slurm_job():
-                code = [EXIT_REQUEUED]
-        except InvalidJobIdError as error:
-            log.error("%s", error)
+        try:  # the kit's rule (SIGTERM: never requeue) and log lines, without exiting yet
+            exit_after_preemption(preemption, requeue=requeue)
+        except SystemExit as stop:
+            code = [stop.code]
     dist.broadcast_object_list(code, src=0)
     return code[0]
 
