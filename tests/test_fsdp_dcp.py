@@ -386,6 +386,18 @@ def test_signed_markers_refuse_a_rewritten_or_unsigned_checkpoint(reference, tmp
 
 
 # --------------------------------------------------------------------------- preemption
+def test_sigterm_stops_every_rank_for_good_after_the_same_save(tmp_path):
+    """SIGTERM, what scancel sends, to rank 0: every rank saves and exits 143 (stopped,
+    never requeued), and the next run resumes from that save."""
+    ckpt = tmp_path / "ckpt"
+    first = launch(2, train_args(ckpt), style="srun",
+                   on_line=signal_at(13, signal.SIGTERM, ranks=[0]))
+    assert first.exit_codes == [143, 143], first.describe()
+    second = launch(2, train_args(ckpt), style="srun")
+    assert second.exit_codes == [0, 0], second.describe()
+    assert second.resumed_from == first.last_step, second.describe()
+
+
 def test_sigusr1_to_one_rank_resumes_bitwise_identical(reference, tmp_path):
     """SIGUSR1 reaches rank 1 only (rank 0 prints): both ranks save the same step with
     the async saver, both exit 75, and the resumed run ends as the uninterrupted one."""
