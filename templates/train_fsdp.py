@@ -35,14 +35,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, TensorDataset
+if __name__ == "__main__":
+    # As in train_with_checkpoint.py: a signal during the slow imports below waits for the
+    # PreemptionHandler instead of killing the process unsaved.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
 
-from checkpoint_utils import (
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_state_dict,
+)
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from checkpoint_utils import (  # noqa: E402
     EXIT_FINISHED,
     EXIT_PREEMPTED,
     CheckpointError,
@@ -54,7 +62,7 @@ from checkpoint_utils import (
     atomic_write_bytes,
     exit_after_preemption,
 )
-from distributed_utils import (
+from distributed_utils import (  # noqa: E402
     DistributedContext,
     StepAgreement,
     gather_rng_states,
@@ -62,7 +70,7 @@ from distributed_utils import (
     restore_rank_rng_state,
     seed_all,
 )
-from sharded_checkpoint import (
+from sharded_checkpoint import (  # noqa: E402
     AsyncShardedSaver,
     ShardedSaver,
     remove_unfinished_sharded_saves,
@@ -356,6 +364,7 @@ def main(argv=None) -> int:
     try:
         # Before the slow start-up (model, resume): a signal from now on sets the flag.
         with PreemptionHandler() as preemption:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # held since start-up
             return train(args, ctx, preemption)
     finally:
         # FSDP2's modules sit in reference cycles that outlive train(). Freed only at

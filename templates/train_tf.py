@@ -25,8 +25,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
+
+if __name__ == "__main__":
+    # As in train_with_checkpoint.py: a signal during the slow imports below waits for the
+    # PreemptionHandler instead of killing the process unsaved.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 import keras  # noqa: E402  (the environment variable must be set before the import)
@@ -121,6 +127,7 @@ def main(argv=None) -> int:
     # First thing, as in the PyTorch template: a signal during the slow start-up only
     # sets the flag.
     with PreemptionHandler() as preemption:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # held since start-up
         log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
         return train(args, preemption)
 

@@ -35,10 +35,16 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+if __name__ == "__main__":
+    # As in train_with_checkpoint.py: a signal during the slow imports below waits for the
+    # PreemptionHandler instead of killing the process unsaved.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
     for chatty in ("absl", "tensorflow"):  # a line per save, and the strategy's set-up
         logging.getLogger(chatty).setLevel(logging.WARNING)
     with PreemptionHandler() as preemption:  # first: a signal during start-up sets the flag
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # held since start-up
         if worker == 0:
             log_job_context(args.ckpt_dir)  # which run of which job: the first lines of its log
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)

@@ -33,14 +33,21 @@ import importlib
 import logging
 import os
 import random
+import signal
 import sys
 import time
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+if __name__ == "__main__":
+    # A Slurm warning may come while torch still imports (seconds on a busy node), before
+    # any handler exists: it would kill the run unsaved. Hold the signals back until
+    # main() installs the PreemptionHandler, which then receives them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
 
-from checkpoint_utils import (
+import numpy as np  # noqa: E402  (after the line above, as every import that takes time)
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from checkpoint_utils import (  # noqa: E402
     EXIT_FINISHED,
     CheckpointError,
     CheckpointManager,
@@ -345,6 +352,7 @@ def main(argv=None) -> int:
     # checkpoint): a preemption signal that arrives then only sets the flag, and the
     # job saves after its first step instead of dying without a requeue.
     with PreemptionHandler() as preemption:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # held since start-up
         if job_context:  # which run of which job: the first lines of its log
             job_context.log_job_context(args.ckpt_dir)
         try:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,28 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"CI=true: {len(skipped)} skipped test(s) fail the run "
                             "(their reasons follow in the short test summary)", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def signal_while_importing(command: list[str], library: str, sig: int, env: dict,
+                           timeout: float = 180) -> tuple[int, str]:
+    """Start ``command`` and send it ``sig`` while it is still importing its framework:
+    ``library`` (a shared-object name) is mapped but no Python handler catches ``sig`` yet,
+    the moment a Slurm warning may land on a busy node. Returns (exit code, output)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+    status = Path(f"/proc/{process.pid}/status")
+    try:
+        deadline = time.monotonic() + 60
+        while library not in Path(f"/proc/{process.pid}/maps").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, \
+                f"{library} never loaded"
+            time.sleep(0.005)
+        caught = next(int(line.split()[1], 16) for line in status.read_text().splitlines()
+                      if line.startswith("SigCgt:"))
+        assert not caught >> (sig - 1) & 1, "the window was missed: a handler already listens"
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode, output

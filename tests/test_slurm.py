@@ -105,6 +105,28 @@ def test_signalled_job_saves_requeues_and_resumes(who_requeues, slurm, tmp_path,
     assert_same_run(reference(300), project / "checkpoints/last.pt", output_file)
 
 
+def test_a_warning_before_training_listens_still_requeues(slurm, tmp_path):
+    """A program that has no USR1 handler yet (still importing, on a busy node) dies of the
+    warning: exit 138. Its newest checkpoint is intact, so the batch shell requeues the job
+    as after exit 75; the next run goes on. The stand-in program starts slowly once."""
+    project = user_project(tmp_path, "preemptible.sbatch")
+    (project / "slow_start.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ.get('SLURM_RESTART_COUNT', '0') == '0':\n"
+        "    print('importing for a long time', flush=True)\n"
+        "    time.sleep(120)\n")
+    job_id = slurm.submit(project / "preemptible.sbatch", project, PROGRAM="slow_start.py")
+    output_file = project / f"ckpt-preemptible-{job_id}.out"
+    slurm.wait_until(lambda: output_file.exists() and "importing" in output_file.read_text(),
+                     60, "the program to start")
+    slurm.signal_batch(job_id, "USR1")
+
+    job = slurm.wait_final(job_id, timeout=120)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert "killed training before it listened" in output, output
+
+
 @pytest.mark.parametrize("sbatch", ["preemptible.sbatch", "preemptible_srun.sbatch"])
 def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(sbatch, slurm, tmp_path):
     """A user's scancel (SIGTERM to the job) must end it: the kit saves, and does not

@@ -22,7 +22,7 @@ import chaos_bench  # noqa: E402
 import interrupted_run  # noqa: E402
 from compare_tf_checkpoints import tf_checkpoint_differences  # noqa: E402
 import tf_checkpoint_utils as kit  # noqa: E402
-from conftest import TEMPLATES  # noqa: E402
+from conftest import TEMPLATES, outside_slurm, signal_while_importing  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
 
@@ -182,6 +182,22 @@ def test_tf_template_survives_kills_signals_and_damage_bitwise(tmp_path, capsys,
     summary = json.loads(report.read_text())["summary"]
     assert code == 0 and summary["mismatches"] == 0 and summary["problems"] == 0, printed
     assert summary["faults_landed"] == len(kinds), printed
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("script, saved", [
+    ("train_tf.py", lambda folder: kit.marked_steps(folder)),
+    ("train_keras_fit.py", lambda folder: kit.backup_epoch(folder) > 0),
+], ids=["train_tf", "train_keras_fit"])
+def test_a_signal_while_tensorflow_imports_is_held_for_the_handler(script, saved, tmp_path,
+                                                                   python_exe):
+    """TensorFlow takes seconds to import: a Slurm warning then must wait for the handler
+    (a save, then exit 75 outside Slurm), not kill the run unsaved."""
+    command = [python_exe, str(TEMPLATES / script), "--ckpt-dir", str(tmp_path), "--no-requeue"]
+    code, output = signal_while_importing(command, "libtensorflow_framework", signal.SIGUSR1,
+                                          env=outside_slurm())
+    assert code == kit.EXIT_PREEMPTED, output
+    assert saved(tmp_path), output
 
 
 @pytest.mark.integration

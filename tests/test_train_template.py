@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import TEMPLATES, outside_slurm
+from conftest import TEMPLATES, outside_slurm, signal_while_importing
 from interrupted_run import Interruption, run_once
 from slurm_cluster import user_project
 
@@ -108,3 +108,16 @@ def test_a_killed_run_keeps_every_line_it_printed(tmp_path, python_exe):
     text = log.read_text()
     assert "step 5/" in text, f"the progress lines did not reach the file at once:\n{text}"
     assert "[checkpoint]" in text or "no checkpoint" in text, text
+
+
+@pytest.mark.parametrize("sig, expected", [(signal.SIGUSR1, 75), (signal.SIGTERM, 143)],
+                         ids=["USR1", "TERM"])
+def test_a_signal_while_torch_imports_is_held_for_the_handler(sig, expected, tmp_path,
+                                                              python_exe):
+    """Slurm may warn a job while Python is still importing torch (seconds on a busy node),
+    before any handler exists; the signal's default action would kill the run unsaved and
+    unrequeued. It must instead reach the handler: a save after the first step."""
+    code, output = signal_while_importing(command(python_exe, tmp_path / "ckpt"),
+                                          "libtorch_cpu", sig, env=slurm_env())
+    assert code == expected, output
+    assert "saving" in output and (tmp_path / "ckpt" / "last.pt").exists(), output

@@ -20,13 +20,17 @@ import argparse
 import logging  # + checkpoint
 import math
 import random
+import signal  # + checkpoint
 import sys  # + checkpoint
 import time
 
-import torch
-import torch.nn as nn
+if __name__ == "__main__":  # + checkpoint: a stop signal during the imports waits
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
 
-from checkpoint_utils import (  # + checkpoint
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from checkpoint_utils import (  # noqa: E402  # + checkpoint
     CheckpointManager,
     PreemptionHandler,
     TrainingProgress,
@@ -239,4 +243,5 @@ def main(preemption):  # + checkpoint: the flag a stop signal sets
 if __name__ == "__main__":
     # + checkpoint: from the first line on, a stop signal only sets a flag
     with PreemptionHandler() as preemption:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # + checkpoint
         main(preemption)

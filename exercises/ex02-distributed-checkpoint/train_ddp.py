@@ -40,17 +40,23 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, default_collate
+if __name__ == "__main__":
+    # As in train_with_checkpoint.py: a signal during the slow imports below waits for the
+    # PreemptionHandler instead of killing the process unsaved.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
 
-from checkpoint_utils import (
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from torch.utils.data import DataLoader, default_collate  # noqa: E402
+
+from checkpoint_utils import (  # noqa: E402
     EXIT_FINISHED,
     CheckpointError,
     CheckpointManager,
@@ -64,8 +70,8 @@ from checkpoint_utils import (
     load_checkpoint_file,
     restore_training_state,
 )
-from checkpoint_staging import StagedCheckpointManager
-from distributed_utils import (
+from checkpoint_staging import StagedCheckpointManager  # noqa: E402
+from distributed_utils import (  # noqa: E402
     EXIT_PEER_LOST,
     DistributedContext,
     PeerWatchdog,
@@ -75,8 +81,8 @@ from distributed_utils import (
     restore_rank_rng_state,
     seed_all,
 )
-from job_context import log_job_context
-from storage_check import (
+from job_context import log_job_context  # noqa: E402
+from storage_check import (  # noqa: E402
     EXIT_STORAGE_UNUSABLE,
     StorageUnusableError,
     check_checkpoint_storage,
@@ -88,7 +94,7 @@ from storage_check import (
 # They are imported from the single-process template, not copied: change them there, and
 # the single-process and the DDP run of your project train the same model on the same
 # data. (For a file that stands alone, paste them here, with ProgressLine and parse_args.)
-from train_with_checkpoint import (
+from train_with_checkpoint import (  # noqa: E402
     ProgressLine,
     compute_loss,
     make_dataset,
@@ -479,6 +485,7 @@ def train(args, ctx: DistributedContext) -> int:
     # The handler goes in before the model is built and a checkpoint loaded, as in the
     # single-process template: a signal that arrives meanwhile stops the job after step 1.
     with PreemptionHandler() as preemption:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # held since start-up
         run = build_run(args, ctx)
         started = time.monotonic()
         run.model.train()
