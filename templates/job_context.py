@@ -80,37 +80,43 @@ def signal_route_problem(script: str, environ: dict | None = None) -> str | None
     trap = re.search(rf"^\s*trap\s.*\b(SIG)?{name}\b", code, re.M)
     background = re.search(r"&\s*$", code, re.M) and re.search(r"\bwait\b", code)
     forward = f"\"trap 'kill -{name} $pid' {name}\" and 'wait $pid'"
+    torchrun = "TORCHELASTIC_RUN_ID" in env  # a torchrun worker: torchrun must pass it on
+    flag = f"--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG{name}"
+    launch = ("torchrun" + (f" {flag}" if name != "TERM" else "")) if torchrun else "python"
     if not to_batch and not in_step:
         return (f"SIG{name} goes to job steps only (--signal without B:), and this process "
                 f"is not in one (it was not started by srun): it will never arrive. Fix: "
-                f"'#SBATCH --signal=B:{name}@{lead}' and 'exec python ...' (or 'python ... "
-                f"&' with {forward}), or start it with 'srun python ...'")
+                f"'#SBATCH --signal=B:{name}@{lead}' and 'exec {launch} ...' (or '{launch} "
+                f"... &' with {forward}), or start it with 'srun {launch} ...'")
     if to_batch and in_step and not (trap and background):
         return (f"SIG{name} goes to the batch shell only (B:), and this process runs in an "
                 f"srun step that the shell does not signal. Fix: '#SBATCH --signal="
                 f"{name}@{lead}' (no B:, so Slurm signals the step), or 'srun ... &', "
                 f"'pid=$!' and {forward}")
-    if to_batch and not in_step and not _started_by_exec() and not (trap and background):
+    if to_batch and not in_step and not _started_by_exec(torchrun) and not (trap and background):
         return (f"SIG{name} goes to the batch shell, which does not pass it on to this "
                 f"process ({'training runs in the foreground' if trap else f'no trap for {name}'}"
-                f"). Fix: start it with 'exec python ...', or with 'python ... &', 'pid=$!' "
+                f"). Fix: start it with 'exec {launch} ...', or with '{launch} ... &', 'pid=$!' "
                 f"and {forward}")
-    if (name != "TERM" and "TORCHELASTIC_RUN_ID" in env
+    if (torchrun and name != "TERM"
             and not re.search(rf"--signals[-_]to[-_]handle[= ]\S*\bSIG{name}\b", code)):
         return (f"this process is a torchrun worker, and torchrun does not handle SIG{name} "
-                f"(only SIGTERM): signalled itself, it dies of it and its step ends while this "
-                f"process saves (measured under srun), and it passes nothing on. Fix: 'torchrun "
-                f"--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG{name} ...', or 'srun "
-                f"python ...' with one task per rank (templates/ddp.sbatch)")
+                f"(only SIGTERM): signalled itself, it dies of it, ending the step (srun) or the job "
+                f"(exec) while this process saves, and passes nothing on. Fix: 'torchrun "
+                f"{flag} ...', or 'srun python ...' with one task per rank (templates/ddp.sbatch)")
     return None
 
 
-def _started_by_exec() -> bool:
-    """True when this process took the batch shell's place (``exec python ...``): its
-    parent is then Slurm's step daemon, not the shell."""
+def _started_by_exec(torchrun: bool) -> bool:
+    """True when this process took the batch shell's place (``exec python ...``), or the
+    torchrun that started it did (``exec torchrun ...``): Slurm's step daemon is then the
+    parent of this process, or of torchrun."""
     try:
-        return Path(f"/proc/{os.getppid()}/comm").read_text().strip() == "slurmstepd"
-    except OSError:
+        pid = os.getppid()
+        if torchrun:  # the worker's parent is torchrun; look at torchrun's parent
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "slurmstepd"
+    except (OSError, ValueError, IndexError):
         return False
 
 

@@ -336,30 +336,34 @@ def test_preflight_catches_a_missing_signal(slurm, tmp_path):
 
 
 PREFLIGHT = "python preflight.py --state-mb 1 --wait 3"
-FORWARD = f"{PREFLIGHT} &\npid=$!\ntrap 'kill -USR2 $pid' USR2\nwait $pid\nwait $pid\n"
+FORWARD = f"{PREFLIGHT} &\npid=$!\ntrap 'kill -{{sig}} $pid' {{sig}}\nwait $pid\nwait $pid\n"
 SRUN_FORWARD = FORWARD.replace("python", "srun python")
 # How public guides write the launch, as (signal line, body), each with the words the
-# preflight must name, and the file with that advice applied, which must pass.
+# preflight must name, and the file with that advice applied, which must pass. {sig} is
+# the warning signal: each form is run with USR1 and with USR2.
 LAUNCH_FORMS = {
     "no B:, python in the foreground": (
-        ("USR2@60", f"{PREFLIGHT}\n"), ["--signal=B:USR2@60", "srun python"],
-        ("B:USR2@60", f"exec {PREFLIGHT}\n")),
+        ("{sig}@60", f"{PREFLIGHT}\n"), ["--signal=B:{sig}@60", "srun python"],
+        ("B:{sig}@60", f"exec {PREFLIGHT}\n")),
+    "no B:, exec python": (
+        ("{sig}@60", f"exec {PREFLIGHT}\n"), ["job steps only", "--signal=B:{sig}@60"],
+        ("B:{sig}@60", f"exec {PREFLIGHT}\n")),
     "no B:, background with trap and wait": (
-        ("USR2@60", FORWARD), ["job steps only", "--signal=B:USR2@60"],
-        ("B:USR2@60", FORWARD)),
+        ("{sig}@60", FORWARD), ["job steps only", "--signal=B:{sig}@60"],
+        ("B:{sig}@60", FORWARD)),
     "B:, python in the foreground behind a trap": (
-        ("B:USR2@60", f"trap 'kill -USR2 $(pgrep -f preflight.py)' USR2\n{PREFLIGHT}\n"),
+        ("B:{sig}@60", f"trap 'kill -{{sig}} $(pgrep -f preflight.py)' {{sig}}\n{PREFLIGHT}\n"),
         ["training runs in the foreground", "exec python"],
-        ("B:USR2@60", f"exec {PREFLIGHT}\n")),
+        ("B:{sig}@60", f"exec {PREFLIGHT}\n")),
     "B:, python in the foreground, no trap": (
-        ("B:USR2@60", f"{PREFLIGHT}\n"), ["no trap for USR2", "exec python"],
-        ("B:USR2@60", FORWARD)),
+        ("B:{sig}@60", f"{PREFLIGHT}\n"), ["no trap for {sig}", "exec python"],
+        ("B:{sig}@60", FORWARD)),
     "B:, srun in the foreground": (
-        ("B:USR2@60", f"srun {PREFLIGHT}\n"), ["srun step", "--signal=USR2@60"],
-        ("USR2@60", f"srun {PREFLIGHT}\n")),
+        ("B:{sig}@60", f"srun {PREFLIGHT}\n"), ["srun step", "--signal={sig}@60"],
+        ("{sig}@60", f"srun {PREFLIGHT}\n")),
     "B:, srun in the background without a trap": (
-        ("B:USR2@60", f"srun {PREFLIGHT} &\nwait\n"), ["srun step", "trap 'kill -USR2"],
-        ("B:USR2@60", SRUN_FORWARD)),
+        ("B:{sig}@60", f"srun {PREFLIGHT} &\nwait\n"), ["srun step", "trap 'kill -{sig}"],
+        ("B:{sig}@60", SRUN_FORWARD)),
 }
 
 
@@ -372,10 +376,12 @@ def preflight_job(slurm, project: Path, name: str, signal_line: str, body: str) 
     return (project / f"{name}-{job_id}.out").read_text()
 
 
+@pytest.mark.parametrize("sig", ["USR1", "USR2"])
 @pytest.mark.parametrize("form", LAUNCH_FORMS)
-def test_preflight_names_the_fix_for_each_launch_form_and_the_fix_passes(form, slurm,
+def test_preflight_names_the_fix_for_each_launch_form_and_the_fix_passes(form, sig, slurm,
                                                                         tmp_path):
-    broken, advice, fixed = LAUNCH_FORMS[form]
+    broken, advice, fixed = (
+        [[part.format(sig=sig) for part in group] for group in LAUNCH_FORMS[form]])
     project = user_project(tmp_path, *copy_set("preflight"))
     output = preflight_job(slurm, project, "broken", *broken)
     # The live check fails too, or the job dies of the signal before it can say so.
@@ -398,21 +404,29 @@ def test_preflight_warns_that_a_sigterm_warning_stops_the_job_for_good(slurm, tm
     assert "Ask for USR1: '--signal=B:USR1@60'" in line, output
 
 
-def test_preflight_names_the_torchrun_fix_and_the_fix_passes(slurm, tmp_path):
-    """srun torchrun, --signal=USR2 (no B:): Slurm signals every process of the step, so
-    the worker hears USR2, but torchrun, which handles only SIGTERM, dies of it and ends
-    the step while the worker saves. The preflight says so, and names the flag; with it,
-    torchrun passes the signal on and waits for its worker."""
+TORCHRUN = "torchrun --standalone --nproc_per_node=1 {flags}preflight.py --state-mb 1 --wait 3\n"
+TORCHRUN_FLAG = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2 "
+
+
+@pytest.mark.parametrize("signal_line, launch, symptom", [
+    ("USR2@60", "srun ", "User defined signal 2"),  # srun saw torchrun die of it
+    ("B:USR2@60", "exec ", None),  # torchrun, the top process, died before its worker heard it
+], ids=["srun torchrun", "B:, exec torchrun"])
+def test_preflight_names_the_torchrun_fix_and_the_fix_passes(signal_line, launch, symptom,
+                                                             slurm, tmp_path):
+    """torchrun handles only SIGTERM unless told otherwise. Under srun with --signal=USR2
+    (no B:), Slurm signals every process of the step: the worker hears USR2, but torchrun
+    dies of it and ends the step while the worker saves. With B: and 'exec torchrun', only
+    torchrun hears it and passes nothing on. The preflight names the flag in both; with
+    it, torchrun survives, and passes the signal to its worker."""
     project = user_project(tmp_path, *copy_set("preflight"))
-    launch = ("srun torchrun --standalone --nproc_per_node=1 {flags}preflight.py "
-              "--state-mb 1 --wait 3\n")
-    output = preflight_job(slurm, project, "broken", "USR2@60", launch.format(flags=""))
+    output = preflight_job(slurm, project, "broken", signal_line,
+                           launch + TORCHRUN.format(flags=""))
     route = next(line for line in output.splitlines() if "signal route:" in line)
-    assert route.startswith("FAIL") and "torchrun worker" in route, output
-    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2" in route, output
-    assert "User defined signal 2" in output, output  # srun saw torchrun die of it
-    flag = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2 "
-    output = preflight_job(slurm, project, "fixed", "USR2@60", launch.format(flags=flag))
+    assert route.startswith("FAIL") and TORCHRUN_FLAG.strip() in route, output
+    assert (symptom in output) if symptom else ("PASS  signal delivery" not in output), output
+    output = preflight_job(slurm, project, "fixed", signal_line,
+                           launch + TORCHRUN.format(flags=TORCHRUN_FLAG))
     assert "PASS  signal route:" in output and "PASS  signal delivery:" in output, output
     assert "0 failed" in output, output
 
