@@ -13,7 +13,7 @@ help:  ## list the targets
 # and the tests that need those packages skip (under CI=true a skip fails). Any other
 # failure stops setup.
 setup:  ## install everything the demo and the tests need (re-runnable, seconds when done)
-	@scripts/install-debian-packages slurm r octave browser || [ $$? -eq 3 ]
+	@scripts/install-debian-packages slurm r octave browser trace || [ $$? -eq 3 ]
 	@scripts/setup-venv test tensorflow r docs notebooks bench
 
 demo: ## train, interrupt with real signals, resume, prove bitwise-identical weights
@@ -47,7 +47,7 @@ test-fast: setup  ## unit tests only, no processes started
 # Octave for those tracks), not all of `make setup`. A partial score is a score, not a
 # failure of make: the exit code contract (0 only at full marks) stays with
 # scripts/grade.py, which scripts, job files and CI call directly.
-GRADE_NEEDS = $(if $(filter r-%,$(EX)),r,$(if $(filter matlab-%,$(EX)),octave))
+GRADE_NEEDS = $(if $(filter r-%,$(EX)),r,$(if $(filter matlab-%,$(EX)),octave,trace))
 grade:  ## grade an exercise: make grade EX=ex01 [FILE=path] [JSON=result.json] [TASK=2]
 	@scripts/install-debian-packages $(GRADE_NEEDS) || [ $$? -eq 3 ]
 	@scripts/setup-venv test

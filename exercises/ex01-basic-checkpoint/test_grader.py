@@ -9,6 +9,8 @@ import io
 import os
 import pickle
 import random
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -266,14 +268,16 @@ def test_failed_write_keeps_the_old_file(learner, tmp_path):
 
 @pytest.mark.task(3)
 def test_rename_stays_in_the_same_folder(learner, tmp_path, monkeypatch):
-    """the temp file is in the target's folder and is moved with os.replace"""
+    """the temp file is in the target's folder and is renamed over the target"""
     moves = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (moves.append((src, dst)),
-                                                        real_replace(src, dst))[1])
+    for name in ("replace", "rename"):  # Path.replace and Path.rename call these
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda src, dst, real=real: (moves.append((src, dst)),
+                                                                   real(src, dst))[1])
     target = tmp_path / "a.pt"
     learner.atomic_write_bytes(target, lambda f: f.write(b"data"))
-    assert moves, "no os.replace: the file was written in place, so a kill leaves half a file"
+    assert moves, ("no rename (os.replace): the file was written in place, so a kill leaves "
+                   "half a file")
     src, dst = map(os.fspath, moves[-1])
     assert os.path.dirname(src) == os.path.dirname(dst) == str(tmp_path), (
         f"the temp file {src} is not in {tmp_path}: a rename across file systems is a copy, "
@@ -307,6 +311,71 @@ def test_kill_during_write_keeps_the_old_file(learner_dir, tmp_path):
     assert target.read_bytes() == b"old checkpoint", (
         "after a SIGKILL during the write the file is no longer the old checkpoint, and not "
         "a complete new one either: write a temp file, then os.replace it")
+
+
+SYSCALL = re.compile(r"^\d+\s+(\w+)\((.*)\)\s+=")
+FD_PATH = re.compile(r"^\d+<(.*?)>")
+
+
+def traced_save(learner_dir, target) -> list[tuple[str, str, str]]:
+    """Run the learner's atomic_write_bytes under strace in a child process and return its
+    file system calls on ``target``'s folder, in order: (call, path, second path). The
+    calls are the kernel's, whichever Python function made them."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace is not installed, so the order of the system calls cannot be "
+                    "seen: `make grade` installs it (Debian package strace)")
+    child = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(learner_dir)!r})
+        import checkpoint_utils
+        checkpoint_utils.atomic_write_bytes({str(target)!r}, lambda f: f.write(b"x" * 5000))
+    """)
+    trace = target.parent.parent / "strace.txt"
+    run = subprocess.run([strace, "-f", "-qq", "-y", "-o", str(trace), "-e",
+                          "trace=write,pwrite64,fsync,fdatasync,rename,renameat,renameat2",
+                          sys.executable, "-c", child], capture_output=True, text=True)
+    if run.returncode != 0:
+        error = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.fail(f"the save failed under strace: {error}")
+    folder, calls = str(target.parent), []
+    for line in trace.read_text().splitlines():
+        match = SYSCALL.match(line.replace(" <unfinished ...>", ") ="))
+        if not match or folder not in line:
+            continue
+        name, args = match.groups()
+        if name.startswith("rename"):
+            source, destination = re.findall(r'"([^"]*)"', args)[-2:]
+            calls.append(("rename", source, destination))
+        elif fd := FD_PATH.match(args):
+            calls.append(("write" if "write" in name else "fsync", fd.group(1), ""))
+    return calls
+
+
+@pytest.mark.task(3)
+def test_the_save_survives_a_power_cut(learner_dir, tmp_path):
+    """in the system calls: the temp file's bytes, its fsync, the rename, the folder's fsync"""
+    target = tmp_path / "folder" / "a.pt"
+    target.parent.mkdir()
+    calls = traced_save(learner_dir, target)
+    renames = [i for i, (call, _, destination) in enumerate(calls)
+               if call == "rename" and destination == str(target)]
+    assert renames, f"no rename onto {target.name} was seen: write a temp file, then os.replace"
+    at = renames[-1]
+    temp = calls[at][1]
+    writes = [i for i, (call, path, _) in enumerate(calls[:at]) if call == "write" and path == temp]
+    syncs = [i for i, (call, path, _) in enumerate(calls[:at]) if call == "fsync" and path == temp]
+    assert syncs, (
+        "the temp file is renamed without an fsync: its bytes may still be only in memory, and "
+        "after a power cut the name points at an empty or partial file. Call "
+        "os.fsync(f.fileno()) after writing, before os.replace")
+    assert writes and syncs[-1] > writes[-1], (
+        "os.fsync ran before the last bytes reached the file: they were still in Python's "
+        "buffer. Call f.flush() first, then os.fsync(f.fileno())")
+    assert any(call == "fsync" and path == str(target.parent) for call, path, _ in calls[at:]), (
+        "the folder is not fsynced after the rename: the rename is a change of the folder, "
+        "and after a power cut it can be undone, bringing back the old file or none. Call "
+        "fsync_directory(path.parent) after os.replace")
 
 
 # ----------------------------------------------------------------------------- task 4
