@@ -75,13 +75,16 @@ def score(exercise: dict, checks: list[dict], tasks: list[int] | None = None) ->
     for task in exercise["tasks"]:
         if tasks and task["number"] not in tasks:
             continue
-        mine = [c for c in checks if c["task"] == task["number"]]
+        # A check that cannot run on this machine (a tool missing) counts neither way.
+        mine = [c for c in checks if c["task"] == task["number"] and not c.get("skipped")]
         passed = sum(c["passed"] for c in mine)
         earned = round(task["points"] * passed / len(mine)) if mine else 0
         if passed < len(mine):
             earned = min(earned, task["points"] - 1)  # full points only when every check passes
         rows.append({"task": task["number"], "title": task["title"], "earned": earned,
-                     "possible": task["points"], "checks": mine})
+                     "possible": task["points"], "checks": mine,
+                     "not_run": [c for c in checks if c["task"] == task["number"]
+                                 and c.get("skipped")]})
     return rows
 
 
@@ -95,6 +98,9 @@ def print_report(exercise: dict, learner_file: Path, rows: list[dict]) -> None:
         for check in row["checks"]:
             if not check["passed"]:
                 print(f"\nTask {row['task']}, {check['check']}\n  {check['message']}")
+        for check in row["not_run"]:
+            print(f"\nTask {row['task']}, not checked on this machine: {check['check']}\n"
+                  f"  {check['message']}")
     hints = exercise["folder"] / "hints.md"
     if any(r["earned"] < r["possible"] for r in rows):
         print(f"\nHints, numbered like the tasks: {hints.relative_to(REPO)}")

@@ -113,3 +113,16 @@ def test_known_wrong_solution_loses_exactly_its_task(exercise, mutant, tmp_path)
     assert lost == {mutant["task"]}, (
         f"{mutant['name']!r} should lose points in task {mutant['task']} only; "
         f"lost in {sorted(lost) or 'none'}:\n{run.stdout}")
+
+
+def test_a_check_that_cannot_run_here_is_named_and_costs_nothing(tmp_path):
+    """Without strace (a cluster node may lack it), ex01's system-call check cannot run:
+    the report says so, and the task is scored on the checks that did run."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # no strace on it
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "grade.py"), "ex01", "--file",
+                          str(REPO / "templates" / "checkpoint_utils.py"), "--task", "3"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert "Task 3, not checked on this machine" in run.stdout, run.stdout + run.stderr
+    assert "strace is not installed" in run.stdout
+    assert run.stdout.strip().endswith("score: 25/25"), run.stdout
+    assert run.returncode == 0

@@ -323,8 +323,8 @@ def traced_save(learner_dir, target) -> list[tuple[str, str, str]]:
     calls are the kernel's, whichever Python function made them."""
     strace = shutil.which("strace")
     if strace is None:
-        pytest.fail("strace is not installed, so the order of the system calls cannot be "
-                    "seen: `make grade` installs it (Debian package strace)")
+        pytest.skip("strace is not installed, so the order of the save's system calls "
+                    "cannot be seen (`make grade` installs it; Debian package strace)")
     child = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(learner_dir)!r})
