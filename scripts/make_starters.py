@@ -12,9 +12,11 @@ its `language` ("python" when absent); LANGUAGES below holds, per language, how 
 function in a file and what the stub is. Add a language there. The MATLAB track keeps one
 function per file: its `template` is the kit's folder (matlab/), and its starters are one
 <function>.m per function the tasks name, in the exercise folder (starters_for()).
+Each exercise's job.sbatch is generated too, from the one skeleton exercises/job.sbatch.in
+and the [job] table of its exercise.toml (job_file_for()).
 
-    python scripts/make_starters.py            # write every starter
-    python scripts/make_starters.py --check    # exit 1 if a committed starter is stale
+    python scripts/make_starters.py            # write every starter and job file
+    python scripts/make_starters.py --check    # exit 1 if a committed one is stale
 """
 from __future__ import annotations
 
@@ -311,13 +313,53 @@ def starter_for(exercise: dict) -> tuple[Path, str]:
         template.read_text(), exercise["tasks"], header, exercise["language"])
 
 
+# ----------------------------------------------------------------------------- job files
+JOB_SKELETON = EXERCISES / "job.sbatch.in"
+# Per language: whose work the login node must not run, the module line(s) of the SITE
+# block, what the job's first line reports, and what --file names (MATLAB: the folder).
+JOB_LANGUAGES = {
+    "python": ("Python", "# module load python/3.11", "", "/{starter}"),
+    "r": ("R", "# module load R/4.2.2 python/3.11", ", Rscript $(command -v Rscript)",
+          "/{starter}"),
+    "matlab": ("Octave", "# module load octave python/3.11     # SITE: the grader runs GNU "
+               "Octave (octave-cli),\n#                                    #   also for work "
+               "written for MATLAB", ", octave-cli $(command -v octave-cli)", ""),
+}
+
+
+def sbatch_line(option: str, why: str) -> str:
+    return f"#SBATCH {option}".ljust(37) + f"# {why}"
+
+
+def job_file_for(exercise: dict) -> tuple[Path, str]:
+    """The exercise's job.sbatch, from the one skeleton exercises/job.sbatch.in and the
+    [job] table of its exercise.toml."""
+    work, modules, tool, file_arg = JOB_LANGUAGES[exercise["language"]]
+    job = exercise["job"]
+    fields = {
+        "NAME": exercise["name"], "WORK": work, "TAKES": job["takes"],
+        "FOLDER": str(exercise["folder"].relative_to(REPO)), "MODULE_LINES": modules,
+        "TOOL": tool, "FILE": file_arg.format(starter=exercise["starter"]),
+        "JOB_NAME_LINE": sbatch_line(f"--job-name=grade-{exercise['name']}",
+                                     "the name in squeue and in the output file name"),
+        "NTASKS_LINE": sbatch_line("--ntasks=1", job["tasks_why"]),
+        "CPUS_LINE": sbatch_line(f"--cpus-per-task={job['cpus']}", job["cpus_why"]),
+    }
+    text = re.sub(r"@([A-Z_]+)@", lambda m: fields[m.group(1)], JOB_SKELETON.read_text())
+    return exercise["folder"] / "job.sbatch", text
+
+
+def generated_files(exercise: dict) -> list[tuple[Path, str]]:
+    return [*starters_for(exercise), job_file_for(exercise)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if a starter is stale")
     args = parser.parse_args(argv)
     stale = []
     for exercise in all_exercises():
-        for path, text in starters_for(exercise):
+        for path, text in generated_files(exercise):
             if args.check:
                 if not path.exists() or path.read_text() != text:
                     stale.append(path.relative_to(REPO))

@@ -12,7 +12,8 @@ import tomllib
 
 import pytest
 
-from make_starters import REPO, all_exercises, function_file, function_source, starters_for
+from make_starters import (REPO, all_exercises, function_file, function_source,
+                           generated_files)
 
 pytestmark = [pytest.mark.exercises, pytest.mark.integration]
 
@@ -50,7 +51,8 @@ def grade(exercise: dict, learner_file, tmp_path, tasks=()) -> tuple[dict, subpr
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=exercise_id)
 def test_committed_starter_is_generated_from_the_template(exercise):
-    for path, text in starters_for(exercise):  # one file, or one per function (MATLAB)
+    # The starter (one file, or one per function for MATLAB), and the job file.
+    for path, text in generated_files(exercise):
         assert path.exists() and path.read_text() == text, (
             f"{path.relative_to(REPO)} is stale: run `python scripts/make_starters.py`")
 

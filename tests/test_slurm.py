@@ -448,19 +448,28 @@ def test_a_training_job_says_at_start_up_that_its_signal_cannot_arrive(slurm, tm
 
 
 # ------------------------------------------------------------------ exercise jobs
-EXERCISE_JOBS = sorted((TEMPLATES.parent / "exercises").glob("ex*/job.sbatch"))
+EXERCISE_JOBS = sorted(TEMPLATES.parent.glob("exercises/ex*/job.sbatch")
+                       ) + sorted(TEMPLATES.parent.glob("*/exercises/ex*/job.sbatch"))
 
 
-@pytest.mark.parametrize("job_file", EXERCISE_JOBS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("job_file", EXERCISE_JOBS,
+                         ids=lambda p: str(p.parent.relative_to(TEMPLATES.parent)))
 def test_exercise_job_grades_on_the_cluster(job_file, slurm, tmp_path):
-    """Each exercise's job.sbatch grades a copy of the exercise holding the reference
-    solution, and so must report full marks. Task 1 only (GRADE_ARGS): the job file and
-    its environment are what is tested here; tests/test_exercises.py grades every task."""
-    import tomllib
-    exercise = tomllib.loads((job_file.parent / "exercise.toml").read_text())
+    """Each exercise's job.sbatch (Python, R, MATLAB) grades a copy of the exercise holding
+    the reference solution, and so must report full marks. Task 1 only (GRADE_ARGS): the
+    job file and its environment are what is tested here; tests/test_exercises.py grades
+    every task."""
+    from make_starters import function_file, load_exercise
+    exercise = load_exercise(job_file.parent)
     folder = tmp_path / job_file.parent.name
     shutil.copytree(job_file.parent, folder)
-    shutil.copy(TEMPLATES.parent / exercise["template"], folder / exercise["starter"])
+    template = TEMPLATES.parent / exercise["template"]
+    if template.is_dir():  # MATLAB: the reference's function files over the starters
+        for task in exercise["tasks"]:
+            for name in task["functions"]:
+                shutil.copy(function_file(template, name, "matlab"), folder)
+    else:
+        shutil.copy(template, folder / exercise["starter"])
     job_id = slurm.submit(folder / "job.sbatch", folder, REPO=str(TEMPLATES.parent),
                           GRADE_ARGS="--task 1")
     job = slurm.wait_final(job_id, timeout=300)
