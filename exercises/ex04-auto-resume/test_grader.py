@@ -8,6 +8,7 @@ them: cut short, emptied, one bit flipped, the file deleted, file times that lie
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -155,6 +156,56 @@ def test_missing_checkpoint_is_reported_as_corrupt(task_kit, one_checkpoint):
     one_checkpoint.unlink()
     expect_rejected(task_kit, one_checkpoint, "deleted the file and left its marker",
                     "Raise CorruptCheckpointError when the file is missing")
+
+
+def rewrite_marker_with_chunks(reference, path: Path, chunk_bytes: int) -> None:
+    """Give ``path`` the marker checkpoint_fast writes: a crc32 per chunk of ``chunk_bytes``
+    and no sha256 (CheckpointInfo.sha256 is then "")."""
+    marker = reference.marker_path(path)
+    meta = json.loads(marker.read_text())
+    meta.pop("sha256")
+    data, crc32 = path.read_bytes(), reference.CHUNK_CHECKSUMS["crc32"]
+    meta["chunks"] = {"checksum": "crc32", "bytes": chunk_bytes,
+                      "digests": [crc32(data[at:at + chunk_bytes])
+                                  for at in range(0, len(data), chunk_bytes)]}
+    reference.atomic_write_json(marker, meta)
+
+
+CHUNK_SIZES = (512, 1000, 1 << 20)  # many chunks, a short last chunk, one chunk for all
+
+
+@pytest.mark.task(1)
+def test_intact_checkpoint_with_a_chunked_marker_passes(task_kit, reference, tmp_path):
+    """an intact checkpoint whose marker has chunk checksums (checkpoint_fast) passes"""
+    for chunk_bytes in CHUNK_SIZES:
+        path = save_checkpoints(reference, tmp_path / f"chunks-{chunk_bytes}",
+                                [("step", 400, 3)])[name(400)]
+        rewrite_marker_with_chunks(reference, path, chunk_bytes)
+        info = task_kit.read_marker(path)
+        try:
+            task_kit.verify_checkpoint(info)
+        except task_kit.CorruptCheckpointError as error:
+            pytest.fail(
+                f"verify_checkpoint rejected an intact checkpoint whose marker holds a crc32 "
+                f"per {chunk_bytes}-byte chunk and no sha256 (what checkpoint_fast writes): "
+                f"{error}. When `info.chunks` is set, check with verify_chunks(info) instead "
+                "of the sha256; otherwise every fast save counts as corrupt and each resume "
+                "starts from scratch")
+
+
+@pytest.mark.task(1)
+def test_flipped_bit_under_a_chunked_marker_is_rejected(task_kit, reference, tmp_path):
+    """one flipped bit is rejected under a chunked marker (checkpoint_fast) too"""
+    for chunk_bytes in CHUNK_SIZES:
+        path = save_checkpoints(reference, tmp_path / f"chunks-{chunk_bytes}",
+                                [("step", 400, 3)])[name(400)]
+        rewrite_marker_with_chunks(reference, path, chunk_bytes)
+        flip_one_bit(path)
+        expect_rejected(task_kit, path, f"flipped one bit in a tensor; its marker holds a "
+                        f"crc32 per {chunk_bytes}-byte chunk and no sha256 (checkpoint_fast)",
+                        "An empty `info.sha256` does not mean there is nothing to check: "
+                        "when `info.chunks` is set, call verify_chunks(info), or a damaged "
+                        "fast save is loaded as if it were intact")
 
 
 # ----------------------------------------------------------------------------- task 2
@@ -420,6 +471,26 @@ def test_load_latest_on_a_first_start_returns_none(task_kit, tmp_path):
                            f"{described(found)}; expected None (start fresh)")
 
 
+@pytest.mark.task(3)
+def test_load_latest_does_not_trust_a_lagging_or_dangling_last_pt(task_kit, reference, tmp_path):
+    """load_latest picks the newest valid checkpoint by step, wherever last.pt points"""
+    save_checkpoints(reference, tmp_path, every_100_steps(3))
+    cases = [(name(100), "points at step_00000100.pt (two saves behind)"),
+             (name(200), "lags one save behind at step_00000200.pt (the job was killed "
+                         "between the marker of step 300 and moving last.pt)"),
+             (name(400), "dangles: it names step_00000400.pt, which is gone")]
+    for target, how in cases:
+        for quarantine in (False, True):
+            reference.update_last_pointer(tmp_path, target)
+            step = load_latest(task_kit, tmp_path, quarantine=quarantine)
+            assert step == 300, (
+                f"with steps 100, 200, 300, all intact, and last.pt that {how}, "
+                f"load_latest(quarantine={quarantine}) returned {described(step)}; expected "
+                "the state of step 300. last.pt is moved after the marker is written, so a "
+                "kill can leave it behind: choose by the step in the markers "
+                "(list_checkpoints), never by last.pt, or the job silently redoes steps")
+
+
 # ----------------------------------------------------------------------------- task 3, for real
 TRAIN_ARGS = ["--steps", "120", "--save-every-steps", "10", "--keep", "3", "--log-every", "1"]
 # One thread: much faster on a shared machine. No GPU: the grade must not depend on the node.
@@ -610,3 +681,83 @@ def test_keep_below_one_is_refused(task_kit, reference, tmp_path):
         task_kit.rotate_checkpoints(tmp_path, keep=0)
     assert files_in(tmp_path) == pairs(name(100), name(200)), (
         "rotate_checkpoints(keep=0) deleted checkpoints: refuse keep < 1 before deleting anything")
+
+
+@pytest.mark.task(4)
+def test_epoch_checkpoints_rotate_with_the_rest_by_default(task_kit, reference, tmp_path):
+    """without keep_epochs, epoch checkpoints rotate with the step ones, newest by step kept"""
+    cases = [([("epoch", 100 * i, i) for i in range(1, 6)], 2,
+              {"epoch_004.pt", "epoch_005.pt"}, "epoch_001.pt ... epoch_005.pt (steps 100 "
+              "to 500)"),
+             ([("step", 100, 1), ("step", 200, 1), ("epoch", 250, 2), ("step", 300, 2),
+               ("step", 400, 3), ("epoch", 450, 4), ("step", 500, 4)], 3,
+              {name(400), "epoch_004.pt", name(500)}, "step_ checkpoints at 100, 200, 300, "
+              "400, 500 and epoch_002.pt (step 250) and epoch_004.pt (step 450)")]
+    for number, (plan, keep, expected, what) in enumerate(cases):
+        folder = tmp_path / f"case-{number}"
+        save_checkpoints(reference, folder, plan)
+        found, _ = rotate(task_kit, folder, keep=keep)
+        keeps(found, pairs(*expected), f"with {what}, saved in this order, after "
+              f"rotate_checkpoints(keep={keep}) (keep_epochs=None, the default)",
+              "Without keep_epochs an epoch checkpoint is one like any other: set the `epoch` "
+              "kind apart only when keep_epochs is given, or an epoch-only run keeps no "
+              "fallback at all")
+
+
+@pytest.mark.task(4)
+def test_keep_epochs_rotates_the_milestones_on_their_own(task_kit, reference, tmp_path):
+    """with keep_epochs, the newest `keep_epochs` epoch checkpoints are kept apart, older ones deleted"""
+    plan = []
+    for epoch in range(1, 6):
+        plan += [("epoch", 100 * epoch, epoch), ("step", 100 * epoch + 50, epoch)]
+    for keep_epochs in (1, 2, 3):
+        folder = tmp_path / f"keep-epochs-{keep_epochs}"
+        save_checkpoints(reference, folder, plan)
+        found, _ = rotate(task_kit, folder, keep=2, keep_epochs=keep_epochs)
+        epochs = [f"epoch_{e:03d}.pt" for e in range(6 - keep_epochs, 6)]
+        keeps(found, pairs(name(450), name(550), *epochs),
+              f"with epoch_001.pt ... epoch_005.pt (steps 100 to 500) and step_ checkpoints "
+              f"at 150 to 550, after rotate_checkpoints(keep=2, keep_epochs={keep_epochs})",
+              "keep_epochs sets the epoch milestones apart from `keep` AND rotates them: "
+              "keep the newest keep_epochs of them and delete the older ones, or every "
+              "epoch of a long run stays on disk until the quota stops the saves")
+
+
+@pytest.mark.task(4)
+def test_size_budget_met_exactly_deletes_nothing_more(task_kit, reference, tmp_path):
+    """a folder whose checkpoints fill max_bytes exactly keeps them all"""
+    for fits in (1, 2, 3, 5):
+        folder = tmp_path / f"fits-{fits}"
+        saved = save_checkpoints(reference, folder, every_100_steps())
+        newest = reference.list_checkpoints(folder)[-fits:]
+        budget = sum(info.size for info in newest)
+        found, _ = rotate(task_kit, folder, keep=5, max_bytes=budget,
+                          protect=[saved[name(500)]])
+        keeps(found, pairs(*(info.name for info in newest)),
+              f"with five checkpoints, after rotate_checkpoints(keep=5, max_bytes={budget}), "
+              f"exactly the size of the newest {fits}", "max_bytes is the most the checkpoints "
+              "may use: stop deleting as soon as the total is <= max_bytes; a total equal to "
+              "the budget fits, and one more deletion throws away a fallback for nothing")
+
+
+@pytest.mark.task(4)
+def test_protection_holds_through_a_symlinked_or_dotted_folder(task_kit, reference, tmp_path):
+    """last.pt's target and `protect` are kept when the folder is reached by another spelling"""
+    (tmp_path / "lustre").mkdir()
+    (tmp_path / "scratch").symlink_to(tmp_path / "lustre")
+    spellings = [(tmp_path / "scratch" / "run-1", "a symlink (scratch -> lustre, as $SCRATCH "
+                  "often is)"), (tmp_path / "lustre" / "run-2" / ".." / "run-2",
+                                 "a path with `..` in it")]
+    for folder, how in spellings:
+        real = folder.resolve()
+        save_checkpoints(reference, real, every_100_steps())
+        reference.update_last_pointer(real, name(100))  # the job fell back to step 100
+        found, _ = rotate(task_kit, folder, keep=2, protect=[folder / name(200)])
+        keeps(found, pairs(name(100), name(200), name(400), name(500)),
+              f"with the folder given through {how}, last.pt pointing at step_00000100.pt "
+              f"and protect=[{(folder / name(200)).relative_to(tmp_path)}], after "
+              "rotate_checkpoints(keep=2)",
+              "Compare resolved paths on both sides (Path(p).resolve() for `protect` and for "
+              "read_last_pointer(directory), info.path.resolve() for each checkpoint): the "
+              "same file has many spellings, and a mismatch deletes the checkpoint the job "
+              "resumes from")

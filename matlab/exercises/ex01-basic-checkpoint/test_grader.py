@@ -285,6 +285,18 @@ WRITE_WHERE = probe(3, "write_where", """
     value.names = strcat(names, extensions);
     value.content = fileread(target);
 """)
+WRITE_ANY_TEXT = probe(3, "write_any_text", """
+    folder = tempname(); mkdir(folder);
+    target = fullfile(folder, 'step_00000300.mat.json');
+    % a marker whose text holds what format strings interpret: %, a backslash, \\n
+    text = ['{"note":"50% done, 100%d \\n","where":"C:\\\\runs\\\\a","s":"%s"}'];
+    value.text = text;
+    value.error = grader_try(@() ckpt_write_text_atomic(target, text));
+    value.content = '';
+    if isfile(target)
+      value.content = fileread(target);
+    end
+""")
 WRITE_DISK_FULL = probe(3, "write_disk_full", """
     folder = tempname(); mkdir(folder);
     target = fullfile(folder, 'last.txt');
@@ -330,6 +342,19 @@ def test_write_goes_to_a_temp_file_beside_the_target(octave_task):
 
 
 @pytest.mark.task(3)
+def test_write_keeps_every_character(octave_task):
+    """text with %, backslashes and \\n in it is written byte for byte"""
+    got = octave_task[WRITE_ANY_TEXT].value
+    assert not got["error"] and got["content"] == got["text"], (
+        f"ckpt_write_text_atomic(target, {got['text']!r}) "
+        + (f"failed: {got['error']}" if got["error"] else f"wrote {got['content']!r}")
+        + ". The text is data, not a format: fprintf(fid, text) reads % and \\ in it as "
+        "conversions and escapes, so a marker holding a path or a percentage comes out "
+        "broken (or the write fails) and the checkpoint is never found. Write it with "
+        "fwrite(fid, text, 'char') (or fprintf(fid, '%s', text))")
+
+
+@pytest.mark.task(3)
 def test_failed_write_keeps_the_old_file_and_no_debris(octave_task):
     """a write that fails (disk full) raises, keeps the old content, leaves no temp file"""
     got = octave_task[WRITE_DISK_FULL].value
@@ -368,6 +393,26 @@ SAVE_WRITES = probe(4, "save_writes", """
     later = ckpt_save(folder, struct('step', 457), 457, 'time');
     value.time_files = grader_files(folder);
     value.time_last = ckpt_read_last_pointer(folder);
+""")
+SAVE_KINDS = probe(4, "save_kinds", """
+    folder = tempname();
+    % a checkpoint without a field 'step' (the step is ckpt_save's argument)
+    value.plain_error = grader_try(@() ckpt_save(folder, struct('iteration', 9, 'x', 1:3), 600));
+    value.plain_step = [];
+    if isfile(fullfile(folder, 'step_00000600.mat.json'))
+      marker = jsondecode(fileread(fullfile(folder, 'step_00000600.mat.json')));
+      value.plain_step = marker.step;
+    end
+    % the step inside the checkpoint is the next one to run: the marker follows the argument
+    ckpt_save(folder, struct('step', 701), 700);
+    marker = jsondecode(fileread(fullfile(folder, 'step_00000700.mat.json')));
+    value.next_step = marker.step;
+    value.preempt_error = grader_try(@() ckpt_save(folder, struct('step', 800), 800, 'preempt'));
+    value.preempt = isfile(fullfile(folder, 'preempt_00000800.mat.json'));
+    before = grader_files(folder);
+    value.typo_error = grader_try(@() ckpt_save(folder, struct('step', 900), 900, 'preemption'));
+    value.typo_new = setdiff(grader_files(folder), before);
+    value.last = ckpt_read_last_pointer(folder);
 """)
 SAVE_WHERE = probe(4, "save_where", """
     folder = tempname();
@@ -433,6 +478,41 @@ def test_save_writes_checkpoint_marker_and_pointer(octave_task):
         got["time_last"] == "time_00000457.mat", (
         "ckpt_save(dir, checkpoint, 457, 'time') must write time_00000457.mat with its marker "
         f"and point last.txt at it; the folder holds {got['time_files']}")
+
+
+@pytest.mark.task(4)
+def test_marker_step_is_the_step_argument(octave_task):
+    """the marker's step is ckpt_save's argument, whatever the checkpoint struct holds"""
+    got = octave_task[SAVE_KINDS].value
+    assert not got["plain_error"], (
+        "ckpt_save(folder, struct('iteration', 9, 'x', 1:3), 600) failed: "
+        f"{got['plain_error']}. The checkpoint is the learner's struct and need not have a "
+        "field 'step': take the step from the argument")
+    assert got["plain_step"] == 600 and got["next_step"] == 700, (
+        "ckpt_save(folder, struct('step', 701), 700) wrote a marker with step "
+        f"{got['next_step']} (expected 700, as in the name step_00000700.mat): many runs "
+        "store the NEXT step in the checkpoint, and a marker that disagrees with the file "
+        "name makes ckpt_list order and rotate the checkpoints wrongly")
+
+
+@pytest.mark.task(4)
+def test_kind_is_checked(octave_task):
+    """kind 'preempt' is accepted; an unknown kind is refused before anything is written"""
+    got = octave_task[SAVE_KINDS].value
+    assert not got["preempt_error"] and got["preempt"], (
+        "ckpt_save(folder, checkpoint, 800, 'preempt') must write preempt_00000800.mat and "
+        f"its marker ({got['preempt_error'] or 'no marker was written'})")
+    new = as_list(got["typo_new"])
+    assert got["typo_error"] and not new, (
+        "ckpt_save(folder, checkpoint, 900, 'preemption') "
+        + ("returned normally" if not got["typo_error"] else "failed")
+        + (f" and left {new}" if new else "")
+        + ". A kind other than step, time or preempt must raise an error and write "
+        "nothing: ckpt_list and every resume find only step_, time_ and preempt_ files, so "
+        "a checkpoint saved under a misspelled kind is silently lost")
+    assert got["last"] == "preempt_00000800.mat", (
+        f"after the refused save last.txt names {got['last']!r}; it must still name "
+        "preempt_00000800.mat")
 
 
 @pytest.mark.task(4)

@@ -101,6 +101,8 @@ DAMAGES = {
     "emptied": "fclose(fopen(path, 'w'));",
     "deleted behind its marker": "delete(path);",
     "one byte changed, same size": "grader_flip_byte(path);",
+    "one byte changed, file time older than its marker":
+        "grader_flip_byte(path); grader_set_age(path, 3600);",
     "without its marker": "delete([path '.json']);",
 }
 VERIFY = {what: probe(1, f"verify {what}", f"""
@@ -132,7 +134,10 @@ def test_damage_is_detected(octave_task, what):
         "last job left. Check that the file exists before reading its size")
     assert not got["ok"], (
         f"a checkpoint {what}: ckpt_verify() said ok. Compare the file's size (dir) and its "
-        "sha256 (ckpt_sha256_file) with the marker's: a changed byte keeps the size")
+        "sha256 (ckpt_sha256_file) with the marker's: a changed byte keeps the size"
+        + ("; and hash it every time, whatever the file times say: bytes damaged on disk "
+           "or by a power cut keep the old time, and cp -p or a restore from backup set "
+           "any time they like" if "file time" in what else ""))
     assert "step_00000100.mat" in got["reason"], (
         f"a checkpoint {what}: the reason {got['reason']!r} does not name the file")
 
@@ -152,6 +157,16 @@ LIST_FILE_TIMES = probe(2, "list file times", """
     grader_set_age(grader_path(folder, 'step_00000300.mat'), 7200);
     grader_set_age(grader_path(folder, 'step_00000100.mat'), -7200);
     value.steps = [ckpt_list(folder).step];
+""")
+LIST_CLOCK_SKEW = probe(2, "list clock skew", """
+    folder = grader_checkpoints(tempname(), {'step:100', 'step:200', 'step:300'});
+    % step 300 was saved on a node whose clock is a day behind: its saved_at is the oldest
+    marker_path = [grader_path(folder, 'step_00000300.mat') '.json'];
+    marker = jsondecode(fileread(marker_path));
+    marker.saved_at = datestr(now() - 1, 'yyyy-mm-ddTHH:MM:SS.FFF');
+    fid = fopen(marker_path, 'w'); fwrite(fid, jsonencode(marker), 'char'); fclose(fid);
+    infos = ckpt_list(folder);
+    value.steps = [infos.step];
 """)
 LIST_DEBRIS = probe(2, "list debris", """
     folder = grader_checkpoints(tempname(), {'step:100', 'step:200', 'step:300'});
@@ -195,6 +210,18 @@ def test_listed_by_step_not_by_file_time(octave_task):
 
 
 @pytest.mark.task(2)
+def test_listed_by_step_not_by_save_time(octave_task):
+    """save times from clocks that disagree change nothing"""
+    got = octave_task[LIST_CLOCK_SKEW].value
+    assert as_list(got["steps"]) == [100, 200, 300], (
+        "step_00000300.mat was saved on a node whose clock is a day behind (its marker's "
+        f"saved_at is the oldest); ckpt_list() gave the order {got['steps']}, expected "
+        "[100, 200, 300]: the step decides, saved_at only breaks ties between checkpoints "
+        "of the same step. Nodes' clocks differ, and a resume that trusts them starts from "
+        "an older checkpoint")
+
+
+@pytest.mark.task(2)
 def test_debris_is_not_listed(octave_task):
     """a checkpoint without marker, a half-written marker, a .tmp- file are not listed"""
     got = octave_task[LIST_DEBRIS].value
@@ -218,6 +245,19 @@ FIND_SKIPS = probe(3, "find skips damaged", """
     if ~isempty(info)
       value.step = info.step;
     end
+""")
+FIND_POINTER_LAGS = probe(3, "find pointer lags", """
+    folder = grader_checkpoints(tempname(), {'step:100', 'step:200', 'step:300'});
+    % the job was killed after step 300's marker, before last.txt moved on
+    ckpt_write_text_atomic(grader_path(folder, 'last.txt'), sprintf('step_00000200.mat\\n'));
+    [path, info] = ckpt_find_latest_valid(folder);
+    value.path = path;
+    value.step = [];
+    if ~isempty(info)
+      value.step = info.step;
+    end
+    [checkpoint, info] = ckpt_load_latest(folder);
+    value.loaded = checkpoint.step;
 """)
 FIND_BY_STEP = probe(3, "find by step", """
     folder = grader_checkpoints(tempname(), {'step:100', 'step:200', 'preempt:250'});
@@ -267,6 +307,18 @@ def test_newest_by_step_not_by_name_or_file_time(octave_task):
         f"of step_00000100.mat (the newest file time), step_00000200.mat and "
         f"preempt_00000250.mat, ckpt_find_latest_valid() chose step {got['step']}; expected "
         "250: the newest by the step in the marker (ckpt_list's order), never by name or date")
+
+
+@pytest.mark.task(3)
+def test_newest_even_when_last_txt_lags(octave_task):
+    """a valid checkpoint newer than the one last.txt names is the one resumed from"""
+    got = octave_task[FIND_POINTER_LAGS].value
+    assert got["step"] == 300 and got["loaded"] == 300, (
+        "steps 100, 200 and 300 are all valid, but last.txt still names step_00000200.mat "
+        "(the job was killed between writing step 300's marker and moving last.txt): "
+        f"ckpt_find_latest_valid() gave step {got['step']} and ckpt_load_latest() step "
+        f"{got['loaded']}; expected 300 for both. last.txt is for people and rotation; a "
+        "resume walks ckpt_list() from the newest, or it redoes work that was saved")
 
 
 @pytest.mark.task(3)
@@ -377,6 +429,13 @@ ROTATE_PROTECTED = probe(4, "rotate protected", rotation(
     before="ckpt_write_text_atomic(grader_path(folder, 'last.txt'), sprintf('step_00000100.mat\\n'));"))
 ROTATE_TIMED = probe(4, "rotate timed", rotation(
     "'step:100', 'step:200', 'time:250', 'time:260', 'time:270'", "ckpt_rotate(folder, 2, 1)"))
+ROTATE_DEFAULTS = probe(4, "rotate defaults", """
+    folder = grader_checkpoints(tempname(), {'step:100', 'step:200', 'time:250', 'step:300'});
+    value.error = grader_try(@() ckpt_rotate(folder, 2));
+    value.names = grader_names(ckpt_list(folder));
+""")
+ROTATE_PREEMPT = probe(4, "rotate preempt", rotation(
+    "'step:100', 'step:200', 'preempt:250', 'step:300'", "ckpt_rotate(folder, 3, 0)"))
 ROTATE_KEEP_ZERO = probe(4, "rotate keep zero", """
     folder = grader_checkpoints(tempname(), {'step:100'});
     value.error = grader_try(@() ckpt_rotate(folder, 0));
@@ -419,6 +478,32 @@ def test_timer_checkpoints_rotate_on_their_own(octave_task):
                                      "time_00000270.mat"], (
         f"ckpt_rotate(folder, 2, 1) left {got['names']}; expected both step checkpoints and "
         "the newest timer one: frequent timer saves must not push out the step checkpoints")
+
+
+@pytest.mark.task(4)
+def test_keep_time_defaults_to_zero(octave_task):
+    """ckpt_rotate(folder, keep): keep_time and protect are optional"""
+    got = octave_task[ROTATE_DEFAULTS].value
+    assert not got["error"], (
+        "ckpt_rotate(folder, 2), without keep_time and protect, stopped with an error: "
+        f"{got['error']}. Give the optional arguments their defaults (if nargin < 3, "
+        "keep_time = 0; if nargin < 4, protect = {}), or the job dies right after its "
+        "first save")
+    assert as_list(got["names"]) == ["step_00000200.mat", "step_00000300.mat"], (
+        f"ckpt_rotate(folder, 2) of steps 100, 200, 250 (time), 300 left {got['names']}; "
+        "expected steps 200 and 300: keep_time defaults to 0")
+
+
+@pytest.mark.task(4)
+def test_preempt_checkpoints_rotate_with_the_step_ones(octave_task):
+    """only kind 'time' rotates apart; preempt checkpoints count toward keep"""
+    got = octave_task[ROTATE_PREEMPT].value
+    assert as_list(got["names"]) == ["step_00000200.mat", "preempt_00000250.mat",
+                                     "step_00000300.mat"], (
+        f"ckpt_rotate(folder, 3, 0) of steps 100, 200, 250 (preempt), 300 left "
+        f"{got['names']}; expected the newest three by step: 200, 250 and 300. A preempt "
+        "checkpoint is a full step checkpoint saved at SIGTERM; only timer checkpoints "
+        "(kind 'time') rotate by keep_time")
 
 
 @pytest.mark.task(4)
