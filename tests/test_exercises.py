@@ -128,3 +128,15 @@ def test_a_check_that_cannot_run_here_is_named_and_costs_nothing(tmp_path):
     assert "strace is not installed" in run.stdout
     assert run.stdout.strip().endswith("score: 25/25"), run.stdout
     assert run.returncode == 0
+
+
+@pytest.mark.parametrize("folder, file", [
+    ("exercises/ex01-basic-checkpoint", "../../templates/checkpoint_utils.py"),
+    ("r/exercises/ex01-basic-checkpoint", "../../checkpoint.R"),
+])
+def test_make_grade_works_inside_an_exercise_folder(folder, file):
+    """Learners run `make grade` where their file is; FILE= is relative to that folder."""
+    run = subprocess.run(["make", "grade", "TASK=1", f"FILE={file}"], cwd=REPO / folder,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("score: 25/25"), run.stdout + run.stderr
