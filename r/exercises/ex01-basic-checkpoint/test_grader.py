@@ -185,6 +185,55 @@ def test_failed_write_leaves_old_file_and_no_debris(task_kit_file):
         "write fails (on.exit(...) runs however the function ends)")
 
 
+@pytest.mark.task(3)
+def test_failed_rename_is_an_error(task_kit_file):
+    """a rename that fails makes atomic_write_file() fail and leaves no temp file"""
+    got = run_r(task_kit_file, """
+        folder <- tempfile(); dir.create(folder); path <- file.path(folder, "a.rds")
+        dir.create(path); writeLines("notes", file.path(path, "notes.txt"))  # rename onto a folder fails
+        result <- suppressWarnings(grader_try(atomic_write_file(path, function(tmp) saveRDS(1:3, tmp))))
+        list(failed = is.list(result) && !is.null(result$error),
+             files = list.files(folder, all.files = TRUE, no.. = TRUE))
+    """).value
+    assert got["failed"], (
+        "the rename of the temp file onto the target failed (here the target is a folder), but "
+        "atomic_write_file() returned normally: file.rename() does not raise an error, it "
+        "returns FALSE with a warning. Check its result and stop(), or the caller writes a "
+        "completion marker for a checkpoint that was never saved")
+    assert got["files"] == "a.rds", (
+        f"after the failed rename the folder holds {got['files']}: the temp file must be "
+        "removed when the rename fails too (set finished <- TRUE only after it succeeded)")
+
+
+@pytest.mark.task(3)
+def test_data_is_flushed_before_the_rename(task_kit_file):
+    """durable = TRUE flushes the complete temp file before the rename, the folder after it"""
+    got = run_r(task_kit_file, """
+        folder <- tempfile(); dir.create(folder); path <- file.path(folder, "a.rds")
+        saveRDS("old", path)
+        new <- rep("new", 100)
+        holds_new <- function(file) isTRUE(tryCatch(identical(readRDS(file), new), error = function(e) FALSE))
+        synced <- list()
+        sync_to_disk <- function(...) {  # records what was flushed, and when
+          for (p in c(...)) synced[[length(synced) + 1]] <<- list(
+            folder = dir.exists(p), complete = !dir.exists(p) && holds_new(p),
+            renamed = holds_new(path))
+          invisible(TRUE)
+        }
+        atomic_write_file(path, function(tmp) saveRDS(new, tmp), durable = TRUE)
+        list(temp_before = any(vapply(synced, function(s) !s$folder && s$complete && !s$renamed, TRUE)),
+             folder_after = any(vapply(synced, function(s) s$folder && s$renamed, TRUE)))
+    """).value
+    assert got["temp_before"], (
+        "with durable = TRUE, the temp file holding the new data was not flushed "
+        "(sync_to_disk(tmp)) before file.rename(): after a power cut the rename can reach the "
+        "disk while the data does not, and the name then holds an empty or partial file: the "
+        "old content is gone and the new one never arrived")
+    assert got["folder_after"], (
+        "with durable = TRUE, the folder was not flushed (sync_to_disk(dirname(path))) after "
+        "the rename: until then the rename itself can be lost in a power cut")
+
+
 # ----------------------------------------------------------------------------- task 4
 @pytest.mark.task(4)
 def test_marker_describes_the_checkpoint(task_kit_file):
@@ -247,9 +296,47 @@ def test_failed_save_leaves_no_marker(task_kit_file):
         rm(saveRDS)
         list(failed = is.list(result) && !is.null(result$error),
              marker = file.exists(file.path(folder, "step_00000200.rds.json")),
-             latest = find_latest_valid_checkpoint(folder)$step)
+             latest = find_latest_valid_checkpoint(folder)$step,
+             last = readLines(file.path(folder, "last.txt")))
     """).value
     assert got["failed"], "save_checkpoint() returned normally although saveRDS() failed: let the error through"
     assert not got["marker"], ("a save that failed wrote a completion marker: the marker is "
                                "the proof of a complete checkpoint, write it only after the save")
     assert got["latest"] == 100, f"after the failed save the newest valid checkpoint is at step {got['latest']}, expected 100"
+    assert got["last"] == "step_00000100.rds", (
+        f"after the failed save at step 200, last.txt names {got['last']!r}; expected "
+        "step_00000100.rds: update last.txt only after the checkpoint and its marker are "
+        "complete, or whoever follows it (a person, an analysis script) gets a checkpoint that "
+        "does not exist")
+
+
+@pytest.mark.task(4)
+def test_save_creates_a_nested_folder(task_kit_file):
+    """a checkpoint folder several levels down that does not exist yet is created"""
+    got = run_r(task_kit_file, """
+        folder <- file.path(tempfile(), "runs", "seed-1", "checkpoints")
+        result <- grader_try(save_checkpoint(folder, list(x = 1), 100))
+        list(error = if (is.list(result)) result$error,
+             latest = find_latest_valid_checkpoint(folder)$step)
+    """).value
+    assert not got.get("error") and got["latest"] == 100, (
+        "save_checkpoint() into <new folder>/runs/seed-1/checkpoints, none of which exists yet, "
+        f"failed ({got.get('error')}): create the folder with dir.create(directory, recursive "
+        "= TRUE, showWarnings = FALSE). Otherwise a fresh job with a nested --ckpt-dir runs "
+        "until its first save and then dies, losing all that work")
+
+
+@pytest.mark.task(4)
+def test_save_passes_keep_time_on(task_kit_file):
+    """the keep_time given to save_checkpoint() is the one rotation uses"""
+    got = run_r(task_kit_file, """
+        folder <- tempfile()
+        save_checkpoint(folder, list(0), 100)
+        for (step in c(110, 120, 130, 140)) save_checkpoint(folder, list(step), step, kind = "time", keep_time = 3)
+        list(names = list_checkpoints(folder)$name)
+    """).value
+    expected = ["step_00000100.rds", "time_00000120.rds", "time_00000130.rds", "time_00000140.rds"]
+    assert got["names"] == expected, (
+        f"after four timer saves with keep_time = 3 these remain: {got['names']}; expected "
+        f"{expected}: pass keep and keep_time on to rotate_checkpoints(), or its defaults "
+        "delete checkpoints the caller asked to keep")

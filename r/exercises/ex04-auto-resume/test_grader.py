@@ -40,6 +40,12 @@ cut_in_half <- function(path) {
   writeBin(readBin(path, "raw", file.size(path) %/% 2), path)
 }
 set_age <- function(path, seconds) Sys.setFileTime(path, Sys.time() - seconds)
+# The marker of `path` says it was saved `seconds` ago (a node whose clock is behind).
+set_saved_at <- function(path, seconds) {
+  marker <- paste0(path, ".json"); meta <- jsonlite::fromJSON(marker)
+  meta$saved_at <- as.numeric(Sys.time()) - seconds
+  writeLines(jsonlite::toJSON(meta, auto_unbox = TRUE, digits = NA), marker)
+}
 # "passed", "corrupt: <message>" for a corrupt_checkpoint_error, "error: <message>" else.
 outcome <- function(expr) {
   tryCatch({ force(expr); "passed" },
@@ -85,6 +91,7 @@ def test_intact_checkpoint_passes(task_kit_file):
     ("emptied", "writeBin(raw(0), path)"),
     ("deleted behind its marker", "unlink(path)"),
     ("one byte changed, same size", "flip_one_byte(path)"),
+    ("overwritten by another R object (readRDS() reads it fine)", "saveRDS(list(step = 999L), path)"),
 ])
 @pytest.mark.task(1)
 def test_damage_is_detected(task_kit_file, what, damage):
@@ -148,6 +155,49 @@ def test_debris_is_not_listed(task_kit_file):
     assert got["steps"] == 100, (
         f"listed steps: {got['steps']}; expected only 100 (300 has no marker, 200 a broken "
         "one, and .tmp- files and other files are not checkpoints)")
+
+
+@pytest.mark.task(2)
+def test_no_checkpoint_gives_an_empty_table(task_kit_file):
+    """a missing folder, an empty one, or one with only unfinished saves: an empty table"""
+    got = check(task_kit_file, """
+        shape <- function(table) {
+          if (is.list(table) && !is.null(table$error)) return(table$error)
+          if (!is.data.frame(table)) return("not a data frame")
+          if (!all(c("path", "name", "step", "kind", "saved_at", "sha256", "size") %in% names(table)))
+            return("columns missing")
+          paste(nrow(table), "rows")
+        }
+        missing <- grader_try(list_checkpoints(tempfile()))
+        dir.create(folder); empty <- grader_try(list_checkpoints(folder))
+        make_checkpoints(folder, c("step:100"))
+        unlink(file.path(folder, "step_00000100.rds.json"))  # the first save was killed
+        unfinished <- grader_try(list_checkpoints(folder))
+        list(missing = shape(missing), empty = shape(empty), unfinished = shape(unfinished))
+    """).value
+    for case, what in [("missing", "a folder that does not exist yet"), ("empty", "an empty folder"),
+                       ("unfinished", "a folder whose only save was killed before its marker")]:
+        assert got[case] == "0 rows", (
+            f"list_checkpoints() of {what}: {got[case]}; expected a data frame with no rows "
+            "and the usual columns (empty_checkpoint_table()). This is what every fresh job "
+            "sees: when the listing fails there, the job never starts")
+
+
+@pytest.mark.task(2)
+def test_listed_by_step_not_by_save_time(task_kit_file):
+    """the save time in the marker breaks ties only; the step decides"""
+    got = check(task_kit_file, """
+        make_checkpoints(folder, c("step:100", "step:200", "step:300", "step:400"))
+        # requeued onto a node whose clock is an hour behind after step 200
+        set_saved_at(file.path(folder, "step_00000300.rds"), 3600)
+        set_saved_at(file.path(folder, "step_00000400.rds"), 3590)
+        list(steps = list_checkpoints(folder)$step)
+    """).value
+    assert got["steps"] == [100, 200, 300, 400], (
+        f"steps 300 and 400 were saved by a node whose clock is an hour behind; the order is "
+        f"{got['steps']}, expected [100, 200, 300, 400]: order by step first "
+        "(order(table$step, table$saved_at)); saved_at only breaks ties. Clocks differ "
+        "between nodes, the steps do not")
 
 
 # ----------------------------------------------------------------------------- task 3
@@ -231,6 +281,43 @@ def test_load_latest_without_quarantine_changes_nothing(task_kit_file):
     """).value
     assert got["step"] == 100, f"load_latest_checkpoint(quarantine = FALSE) gave step {got['step']}, expected 100"
     assert got["same"], "load_latest_checkpoint(quarantine = FALSE) changed files on disk"
+
+
+@pytest.mark.task(3)
+def test_newest_across_kinds(task_kit_file):
+    """the newest is the highest step whatever its kind: a preempt save beats older step saves"""
+    got = check(task_kit_file, """
+        make_checkpoints(folder, c("step:100", "time:150", "step:200", "preempt:250"))
+        list(found = find_latest_valid_checkpoint(folder)$name,
+             loaded = suppressMessages(load_latest_checkpoint(folder))$step)
+    """).value
+    assert got["found"] == "preempt_00000250.rds", (
+        f"with step_00000100, time_00000150, step_00000200 and preempt_00000250, "
+        f"find_latest_valid_checkpoint() gave {got['found']}; expected preempt_00000250.rds, the "
+        "highest step. Names sort by step only within one kind (preempt_ before step_, time_ "
+        "after): take the order of list_checkpoints(), which is by the marker's step")
+    assert got["loaded"] == 250, (
+        f"load_latest_checkpoint() gave the state of step {got['loaded']}, expected 250: after a "
+        "stop request the preempt checkpoint is the newest, and anything older loses work")
+
+
+@pytest.mark.task(3)
+def test_lagging_last_pointer_is_not_trusted(task_kit_file):
+    """last.txt naming an older checkpoint (killed before it was updated) changes nothing"""
+    got = check(task_kit_file, """
+        make_checkpoints(folder, c("step:100", "step:200", "step:300"))
+        update_last_pointer(folder, "step_00000200.rds")  # killed after 300's marker, before last.txt
+        state <- suppressMessages(load_latest_checkpoint(folder))
+        list(step = state$step, last = readLines(file.path(folder, "last.txt")))
+    """).value
+    assert got["step"] == 300, (
+        f"last.txt still named step_00000200.rds (the job was killed between the marker of "
+        f"step 300 and the pointer); load_latest_checkpoint() gave step {got['step']}, expected "
+        "300: resume walks the markers and never trusts last.txt, or it throws away complete "
+        "work")
+    assert got["last"] == "step_00000300.rds", (
+        f"after loading step 300, last.txt names {got['last']}: point it at the checkpoint "
+        "actually loaded")
 
 
 RUN_ARGS = ["--steps", "2000", "--save-every-steps", "200", "--keep", "100"]
@@ -350,3 +437,16 @@ def test_keep_below_one_is_refused(task_kit_file):
         list(error = is.list(result) && !is.null(result$error), left = nrow(list_checkpoints(folder)))
     """).value
     assert got["error"] and got["left"] == 1, "rotate_checkpoints(keep = 0) must stop with an error and delete nothing"
+
+
+@pytest.mark.task(4)
+def test_keep_time_zero_keeps_no_timer_checkpoint(task_kit_file):
+    """keep_time = 0 deletes every timer checkpoint not protected"""
+    got = steps_after_rotation(
+        task_kit_file, '"step:100", "step:200", "time:250", "time:260", "step:300"',
+        "rotate_checkpoints(folder, keep = 2, keep_time = 0)")
+    assert got["names"] == ["step_00000200.rds", "step_00000300.rds"], (
+        f"keep = 2, keep_time = 0 left {got['names']}; expected steps 200 and 300 and no timer "
+        "checkpoint. Beware head(rows, -0): it is empty, not all rows, so keep_time = 0 deleted "
+        "nothing and timer checkpoints would pile up until the disk quota stops the saves")
+    assert not got["orphans"], f"markers left without their checkpoint: {got['orphans']}"
