@@ -136,7 +136,9 @@ def test_a_check_that_cannot_run_here_is_named_and_costs_nothing(tmp_path):
 ])
 def test_make_grade_works_inside_an_exercise_folder(folder, file):
     """Learners run `make grade` where their file is; FILE= is relative to that folder."""
+    env = {k: v for k, v in os.environ.items()  # not a sub-make of `make test`
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     run = subprocess.run(["make", "grade", "TASK=1", f"FILE={file}"], cwd=REPO / folder,
-                         capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith("score: 25/25"), run.stdout + run.stderr
