@@ -3,6 +3,7 @@ tests that need a system tool skip with the install command. Under CI=true a ski
 fails the run (see pytest_sessionfinish): CI must run everything."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -42,34 +43,47 @@ def require_command(command: str, install: str) -> str:
     return path
 
 
-def free_port_pair() -> int:
-    """A port P such that P and P+1 are free (slurmctld and slurmd listen on both)."""
+def free_ports(count: int = 2) -> int:
+    """A port P such that P ... P+count-1 are free (slurmctld listens on P, each slurmd on
+    one of the ports after it)."""
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        with socket.socket() as neighbour:
-            try:
-                neighbour.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no two free neighbouring ports")
+        try:
+            with contextlib.ExitStack() as held:
+                for offset in range(1, count):
+                    neighbour = held.enter_context(socket.socket())
+                    neighbour.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} free neighbouring ports")
+
+
+def local_cluster(tmp_path_factory, nodes: int):
+    from slurm_cluster import SlurmCluster, start_cluster, stop_cluster
+
+    directory = tmp_path_factory.mktemp(f"slurm-{nodes}-nodes")
+    try:
+        env = start_cluster(directory, free_ports(1 + nodes), nodes)
+    except RuntimeError as error:
+        pytest.skip(f"no local Slurm cluster: {error}")
+    yield SlurmCluster(env)
+    stop_cluster(env)
 
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A fresh single-node Slurm cluster for the session, started by scripts/local-slurm
     (which installs Slurm and munge when missing and run as root)."""
-    from slurm_cluster import SlurmCluster, start_cluster, stop_cluster
+    yield from local_cluster(tmp_path_factory, 1)
 
-    directory = tmp_path_factory.mktemp("slurm")
-    try:
-        env = start_cluster(directory, free_port_pair())
-    except RuntimeError as error:
-        pytest.skip(f"no local Slurm cluster: {error}")
-    yield SlurmCluster(env)
-    stop_cluster(env)
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    """A fresh cluster of two nodes, n1 and n2, on this machine: a node can fail."""
+    yield from local_cluster(tmp_path_factory, 2)
 
 
 @pytest.fixture(scope="session")

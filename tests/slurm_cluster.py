@@ -70,6 +70,10 @@ class SlurmCluster:
         """What Slurm does at --signal=B:SIG@T: signal the batch shell only."""
         self.run("scancel", f"--signal={signal}", "--batch", job_id)
 
+    def kill_node(self, node: str) -> None:
+        """A node failure: that node's slurmd and every process of its job steps die."""
+        self.run(str(REPO / "scripts" / "local-slurm"), "kill-node", node)
+
 
 def last_step(output_file: Path) -> int:
     """The last progress step printed into a job's output file (0 before any)."""
@@ -88,14 +92,14 @@ def user_project(tmp_path: Path, *template_files: str) -> Path:
     return project
 
 
-def start_cluster(directory: Path, port: int) -> dict:
+def start_cluster(directory: Path, port: int, nodes: int = 1) -> dict:
     """Start a fresh cluster with scripts/local-slurm; return the environment to use it.
     A test never installs Slurm (`make setup` does, before any test starts): two clusters
     starting at once would run two installers, and the second would find dpkg locked."""
     env = {**os.environ, "LOCAL_SLURM_DIR": str(directory), "LOCAL_SLURM_PORT": str(port),
            "LOCAL_SLURM_INSTALL": "no"}
-    result = subprocess.run([str(REPO / "scripts" / "local-slurm"), "up"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(REPO / "scripts" / "local-slurm"), "up", "--nodes",
+                             str(nodes)], env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip())
     venv_bin = str(Path(os.sys.executable).parent)

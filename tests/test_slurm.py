@@ -7,10 +7,12 @@ interrupted job must end bitwise identical to the same training run without Slur
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +204,45 @@ def test_time_limit_signal_arrives_before_the_kill(slurm, tmp_path, reference):
     assert "DUE TO TIME LIMIT" not in output
     assert "received SIGUSR1" in output and "resumed from preempt_" in output
     assert_same_run(reference(900), project / "checkpoints/last.pt", output_file)
+
+
+# ------------------------------------------------------------------ node failure
+def processes_working_in(folder: Path) -> list[str]:
+    """The command lines of the processes whose working folder is ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and os.readlink(proc / "cwd") == str(folder):
+                found.append((proc / "cmdline").read_text().replace("\0", " "))
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_node_requeues_the_job_and_it_resumes_on_the_other(slurm_two_nodes, tmp_path,
+                                                                   reference):
+    """Two nodes. The one running the job dies at once, as in a power loss: its slurmd and
+    every process of the job are killed, nothing is signalled or saved. Slurm declares the
+    node DOWN, requeues the job (--requeue), which starts on the other node, resumes from
+    the newest periodic checkpoint and ends bitwise identical to an uninterrupted run."""
+    cluster = slurm_two_nodes
+    project = user_project(tmp_path, *KIT, "preemptible.sbatch")
+    job_id = cluster.submit(project / "preemptible.sbatch", project,
+                            TRAIN_ARGS=SLOW.format(steps=300))
+    output_file = project / f"ckpt-preemptible-{job_id}.out"
+    wait_for_step(cluster, output_file, 120, job_id)
+    dead = cluster.job(job_id)["NodeList"]
+    cluster.kill_node(dead)
+    # Gone for real, as on a dead machine: no process of the job runs on in its folder
+    # (Slurm needs ~10 s to notice the node, so the requeued run has not started yet).
+    cluster.wait_until(lambda: not processes_working_in(project), 5,
+                       "the job's processes to die with their node")
+
+    job = cluster.wait_final(job_id, timeout=180)
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert job["NodeList"] not in ("", dead), f"ran again on {job['NodeList']}:\n{output}"
+    assert "resumed from step_" in output, output
+    assert_same_run(reference(300), project / "checkpoints/last.pt", output_file)
 
 
 # ------------------------------------------------------------------ DDP under srun

@@ -1,7 +1,8 @@
 """Grader of ex01. Run it with `make grade EX=ex01`, not with pytest directly.
 
-Each check grades one task on its own: inputs for a task are built with the reference
-kit (`reference`), so a mistake in one task never costs the points of another.
+Each check grades one task on its own: it runs `task_kit`, the reference kit with only
+that task's functions taken from the learner's file, and builds its inputs with the
+reference (`reference`), so a mistake in one task never costs the points of another.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,15 +57,22 @@ def weights(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.fixture
+def kit_dir(task_kit) -> Path:
+    """The folder of the kit a check runs, as checkpoint_utils.py: a child process that
+    imports checkpoint_utils from there runs the same code."""
+    return Path(task_kit.__file__).parent
+
+
 # ----------------------------------------------------------------------------- task 1
 @pytest.fixture
-def captured(learner):
+def captured(task_kit):
     seed_everything()
     model, optimizer, scheduler, scaler = build()
     train(model, optimizer, scheduler, scaler, 3)
-    progress = learner.TrainingProgress(step=70, epoch=2, batch_in_epoch=6,
+    progress = task_kit.TrainingProgress(step=70, epoch=2, batch_in_epoch=6,
                                         metrics={"loss": 0.25})
-    state = learner.capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
+    state = task_kit.capture_training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                            scaler=scaler, progress=progress)
     return state, model, optimizer, scheduler, scaler
 
@@ -122,14 +131,14 @@ def test_scheduler_scaler_rng_and_metrics_are_saved(captured):
 
 
 @pytest.mark.task(1)
-def test_your_own_state_is_saved_as_extra(learner):
+def test_your_own_state_is_saved_as_extra(task_kit):
     """your own state (extra=...) is saved as checkpoint['extra'], and a run without an
     optimizer (a hand-written update) can be saved too"""
     model = torch.nn.Linear(2, 2)
     hidden = torch.arange(4.0)
-    progress = learner.TrainingProgress(step=5)
+    progress = task_kit.TrainingProgress(step=5)
     try:
-        state = learner.capture_training_state(model=model, progress=progress,
+        state = task_kit.capture_training_state(model=model, progress=progress,
                                                extra={"hidden": hidden, "best_loss": 0.5})
     except (AttributeError, TypeError) as error:
         pytest.fail(f"capture_training_state without an optimizer failed ({error}): the "
@@ -143,13 +152,13 @@ def test_your_own_state_is_saved_as_extra(learner):
 
 # ----------------------------------------------------------------------------- task 2
 @pytest.mark.task(2)
-def test_restore_without_an_optimizer(learner, reference):
+def test_restore_without_an_optimizer(task_kit, reference):
     """a checkpoint of a run without an optimizer restores into the model alone"""
     model = torch.nn.Linear(2, 2)
     state = reference.capture_training_state(model=model, progress=reference.TrainingProgress(step=4))
     fresh = torch.nn.Linear(2, 2)
     try:
-        progress = learner.restore_training_state(state, model=fresh)
+        progress = task_kit.restore_training_state(state, model=fresh)
     except (AttributeError, TypeError) as error:
         pytest.fail(f"restore_training_state without an optimizer failed ({error}): the "
                     "optimizer, scheduler and scaler are optional")
@@ -175,12 +184,12 @@ def checkpoint_after_3_steps(reference):
 
 
 @pytest.mark.task(2)
-def test_restored_run_continues_bitwise_identical(learner, checkpoint_after_3_steps):
+def test_restored_run_continues_bitwise_identical(task_kit, checkpoint_after_3_steps):
     """a restored run continues exactly like the uninterrupted run"""
     checkpoint, uninterrupted = checkpoint_after_3_steps
     seed_everything(seed=123)  # a new process starts from other RNG states
     model, optimizer, scheduler, scaler = build(seed=99)
-    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+    task_kit.restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                    scheduler=scheduler, scaler=scaler)
     train(model, optimizer, scheduler, scaler, 4)
     differing = sum(not torch.equal(a, b) for a, b in zip(weights(model), uninterrupted))
@@ -191,11 +200,11 @@ def test_restored_run_continues_bitwise_identical(learner, checkpoint_after_3_st
 
 
 @pytest.mark.task(2)
-def test_the_grad_scaler_comes_back_with_its_scale(learner, checkpoint_after_3_steps):
+def test_the_grad_scaler_comes_back_with_its_scale(task_kit, checkpoint_after_3_steps):
     """the GradScaler's scale and growth counter come back (equal weights cannot show it)"""
     checkpoint = checkpoint_after_3_steps[0]
     model, optimizer, scheduler, scaler = build()
-    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+    task_kit.restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                    scheduler=scheduler, scaler=scaler)
     assert scaler.state_dict() == checkpoint["scaler"], (
         f"after the restore the GradScaler holds {scaler.state_dict()}, the checkpoint "
@@ -205,10 +214,10 @@ def test_the_grad_scaler_comes_back_with_its_scale(learner, checkpoint_after_3_s
 
 
 @pytest.mark.task(2)
-def test_restore_returns_the_saved_progress(learner, checkpoint_after_3_steps):
+def test_restore_returns_the_saved_progress(task_kit, checkpoint_after_3_steps):
     """restore_training_state returns the saved step, epoch and position"""
     model, optimizer, scheduler, scaler = build()
-    progress = learner.restore_training_state(checkpoint_after_3_steps[0], model=model,
+    progress = task_kit.restore_training_state(checkpoint_after_3_steps[0], model=model,
                                               optimizer=optimizer, scheduler=scheduler,
                                               scaler=scaler)
     found = (getattr(progress, "step", None), getattr(progress, "epoch", None),
@@ -217,7 +226,7 @@ def test_restore_returns_the_saved_progress(learner, checkpoint_after_3_steps):
 
 
 @pytest.mark.task(2)
-def test_every_rng_draws_the_same_numbers_after_restore(learner, checkpoint_after_3_steps):
+def test_every_rng_draws_the_same_numbers_after_restore(task_kit, checkpoint_after_3_steps):
     """Python, NumPy and torch draw the same numbers after a restore"""
     checkpoint = checkpoint_after_3_steps[0]
     model, optimizer, scheduler, scaler = build()
@@ -225,11 +234,11 @@ def test_every_rng_draws_the_same_numbers_after_restore(learner, checkpoint_afte
     def draws():
         return random.random(), float(np.random.rand()), float(torch.rand(1))
 
-    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+    task_kit.restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                    scheduler=scheduler, scaler=scaler)
     first = draws()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
-    learner.restore_training_state(checkpoint, model=model, optimizer=optimizer,
+    task_kit.restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                    scheduler=scheduler, scaler=scaler)
     assert draws() == first, ("after restore_training_state the random numbers depend on "
                               "what was drawn before it: restore the RNG states (last)")
@@ -237,18 +246,18 @@ def test_every_rng_draws_the_same_numbers_after_restore(learner, checkpoint_afte
 
 # ----------------------------------------------------------------------------- task 3
 @pytest.mark.task(3)
-def test_atomic_write_returns_checksum_and_size(learner, tmp_path):
+def test_atomic_write_returns_checksum_and_size(task_kit, tmp_path):
     """atomic_write_bytes writes the bytes and returns their sha256 and size"""
     import hashlib
     target = tmp_path / "a.pt"
-    result = learner.atomic_write_bytes(target, lambda f: f.write(b"x" * 1000))
+    result = task_kit.atomic_write_bytes(target, lambda f: f.write(b"x" * 1000))
     assert target.read_bytes() == b"x" * 1000, "the file does not hold what the callback wrote"
     expected = (hashlib.sha256(b"x" * 1000).hexdigest(), 1000)
     assert tuple(result) == expected, f"returned {result}, expected (sha256 hex, size) {expected}"
 
 
 @pytest.mark.task(3)
-def test_failed_write_keeps_the_old_file(learner, tmp_path):
+def test_failed_write_keeps_the_old_file(task_kit, tmp_path):
     """a write that fails halfway leaves the old file as it was, and no temp file"""
     target = tmp_path / "a.pt"
     target.write_bytes(b"old checkpoint")
@@ -258,7 +267,7 @@ def test_failed_write_keeps_the_old_file(learner, tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        learner.atomic_write_bytes(target, fail_halfway)
+        task_kit.atomic_write_bytes(target, fail_halfway)
     assert target.read_bytes() == b"old checkpoint", (
         "a failed write changed the existing file: write to a temp file in the same folder, "
         "and rename it over the target only when it is complete")
@@ -267,7 +276,7 @@ def test_failed_write_keeps_the_old_file(learner, tmp_path):
 
 
 @pytest.mark.task(3)
-def test_rename_stays_in_the_same_folder(learner, tmp_path, monkeypatch):
+def test_rename_stays_in_the_same_folder(task_kit, tmp_path, monkeypatch):
     """the temp file is in the target's folder and is renamed over the target"""
     moves = []
     for name in ("replace", "rename"):  # Path.replace and Path.rename call these
@@ -275,7 +284,7 @@ def test_rename_stays_in_the_same_folder(learner, tmp_path, monkeypatch):
         monkeypatch.setattr(os, name, lambda src, dst, real=real: (moves.append((src, dst)),
                                                                    real(src, dst))[1])
     target = tmp_path / "a.pt"
-    learner.atomic_write_bytes(target, lambda f: f.write(b"data"))
+    task_kit.atomic_write_bytes(target, lambda f: f.write(b"data"))
     assert moves, ("no rename (os.replace): the file was written in place, so a kill leaves "
                    "half a file")
     src, dst = map(os.fspath, moves[-1])
@@ -285,13 +294,13 @@ def test_rename_stays_in_the_same_folder(learner, tmp_path, monkeypatch):
 
 
 @pytest.mark.task(3)
-def test_kill_during_write_keeps_the_old_file(learner_dir, tmp_path):
+def test_kill_during_write_keeps_the_old_file(kit_dir, tmp_path):
     """a SIGKILL in the middle of a write leaves the old file intact"""
     target = tmp_path / "a.pt"
     target.write_bytes(b"old checkpoint")
     child = textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {str(learner_dir)!r})
+        sys.path.insert(0, {str(kit_dir)!r})
         import checkpoint_utils
         def slow(f):
             for _ in range(100):
@@ -317,7 +326,7 @@ SYSCALL = re.compile(r"^\d+\s+(\w+)\((.*)\)\s+=")
 FD_PATH = re.compile(r"^\d+<(.*?)>")
 
 
-def traced_save(learner_dir, target) -> list[tuple[str, str, str]]:
+def traced_save(kit_dir, target) -> list[tuple[str, str, str]]:
     """Run the learner's atomic_write_bytes under strace in a child process and return its
     file system calls on ``target``'s folder, in order: (call, path, second path). The
     calls are the kernel's, whichever Python function made them."""
@@ -327,7 +336,7 @@ def traced_save(learner_dir, target) -> list[tuple[str, str, str]]:
                     "cannot be seen (`make grade` installs it; Debian package strace)")
     child = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(learner_dir)!r})
+        sys.path.insert(0, {str(kit_dir)!r})
         import checkpoint_utils
         checkpoint_utils.atomic_write_bytes({str(target)!r}, lambda f: f.write(b"x" * 5000))
     """)
@@ -353,11 +362,11 @@ def traced_save(learner_dir, target) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.task(3)
-def test_the_save_survives_a_power_cut(learner_dir, tmp_path):
+def test_the_save_survives_a_power_cut(kit_dir, tmp_path):
     """in the system calls: the temp file's bytes, its fsync, the rename, the folder's fsync"""
     target = tmp_path / "folder" / "a.pt"
     target.parent.mkdir()
-    calls = traced_save(learner_dir, target)
+    calls = traced_save(kit_dir, target)
     renames = [i for i, (call, _, destination) in enumerate(calls)
                if call == "rename" and destination == str(target)]
     assert renames, f"no rename onto {target.name} was seen: write a temp file, then os.replace"
@@ -394,12 +403,12 @@ def save_as_if_on_gpu(obj, path) -> None:
 
 
 @pytest.mark.task(4)
-def test_gpu_checkpoint_loads_on_the_cpu(learner, tmp_path):
+def test_gpu_checkpoint_loads_on_the_cpu(task_kit, tmp_path):
     """a checkpoint saved on a GPU loads on a CPU-only node"""
     path = tmp_path / "gpu.pt"
     save_as_if_on_gpu({"model": {"w": torch.ones(3)}}, path)
     try:
-        loaded = learner.load_checkpoint_file(path)
+        loaded = task_kit.load_checkpoint_file(path)
     except NotImplementedError:
         raise
     except Exception as error:
@@ -409,7 +418,7 @@ def test_gpu_checkpoint_loads_on_the_cpu(learner, tmp_path):
 
 
 @pytest.mark.task(4)
-def test_unsafe_pickle_is_refused_and_never_run(learner, tmp_path):
+def test_unsafe_pickle_is_refused_and_never_run(task_kit, tmp_path):
     """a checkpoint that would run code when unpickled is refused, and nothing runs"""
     sentinel = tmp_path / "code-ran"
 
@@ -419,13 +428,13 @@ def test_unsafe_pickle_is_refused_and_never_run(learner, tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": Payload()}, path)
-    with pytest.raises(learner.UnsafeCheckpointError):
-        learner.load_checkpoint_file(path)
+    with pytest.raises(task_kit.UnsafeCheckpointError):
+        task_kit.load_checkpoint_file(path)
     assert not sentinel.exists(), "loading the checkpoint ran code: use weights_only=True"
 
 
 @pytest.mark.task(4)
-def test_every_wording_of_an_unsafe_pickle_is_named_unsafe(learner, tmp_path):
+def test_every_wording_of_an_unsafe_pickle_is_named_unsafe(task_kit, tmp_path):
     """a pickle that calls os.system is refused as unsafe (torch words it 'module posix is
     blocked'), and the message never repeats torch's advice to use weights_only=False"""
     sentinel = tmp_path / "code-ran"
@@ -437,12 +446,12 @@ def test_every_wording_of_an_unsafe_pickle_is_named_unsafe(learner, tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": CallsOsSystem()}, path)
     try:
-        learner.load_checkpoint_file(path)
-    except learner.UnsafeCheckpointError as error:
+        task_kit.load_checkpoint_file(path)
+    except task_kit.UnsafeCheckpointError as error:
         assert "will likely succeed" not in str(error), (
             "the message passes on torch's advice to retry with weights_only=False, which "
             "would run the file's code: keep only the reason (_without_torch_advice)")
-    except learner.CorruptCheckpointError:
+    except task_kit.CorruptCheckpointError:
         pytest.fail("a pickle that calls os.system was reported as corrupt, not unsafe: "
                     "torch says 'unsupported GLOBAL posix.system whose module posix is "
                     "blocked' (recognise every wording: _UNSAFE_CONTENT)")
@@ -452,7 +461,7 @@ def test_every_wording_of_an_unsafe_pickle_is_named_unsafe(learner, tmp_path):
 
 
 @pytest.mark.task(4)
-def test_malformed_pickle_is_corrupt_without_torchs_advice(learner, tmp_path):
+def test_malformed_pickle_is_corrupt_without_torchs_advice(task_kit, tmp_path):
     """a file whose pickle torch cannot parse is corrupt, and the message never repeats
     torch's advice to retry with weights_only=False"""
     buffer = io.BytesIO()
@@ -463,8 +472,8 @@ def test_malformed_pickle_is_corrupt_without_torchs_advice(learner, tmp_path):
         for name in original.namelist():
             data = original.read(name)
             archive.writestr(name, b"\x80\x02\xff." if name.endswith("data.pkl") else data)
-    with pytest.raises(learner.CheckpointError) as raised:
-        learner.load_checkpoint_file(path)
+    with pytest.raises(task_kit.CheckpointError) as raised:
+        task_kit.load_checkpoint_file(path)
     assert "will likely succeed" not in str(raised.value), (
         "the message passes on torch's advice to retry with weights_only=False, which would "
         "run the file's code: keep only the reason (_without_torch_advice)")
@@ -472,7 +481,7 @@ def test_malformed_pickle_is_corrupt_without_torchs_advice(learner, tmp_path):
 
 @pytest.mark.task(4)
 @pytest.mark.parametrize("kept", [0.5, 0.9, 200], ids=["half", "most", "200-bytes"])
-def test_a_checkpoint_cut_short_raises_corrupt_checkpoint_error(learner, tmp_path, kept):
+def test_a_checkpoint_cut_short_raises_corrupt_checkpoint_error(task_kit, tmp_path, kept):
     """a checkpoint cut short (a kill during a save, a full disk) raises
     CorruptCheckpointError, whatever torch raises for it"""
     path = tmp_path / "cut.pt"
@@ -480,8 +489,8 @@ def test_a_checkpoint_cut_short_raises_corrupt_checkpoint_error(learner, tmp_pat
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * kept) if kept < 1 else kept])
     try:
-        learner.load_checkpoint_file(path)
-    except learner.CorruptCheckpointError:
+        task_kit.load_checkpoint_file(path)
+    except task_kit.CorruptCheckpointError:
         return
     except Exception as error:  # noqa: BLE001 - named for the learner below
         pytest.fail(f"a checkpoint cut short raised {type(error).__name__}: {error}; torch "
@@ -492,9 +501,9 @@ def test_a_checkpoint_cut_short_raises_corrupt_checkpoint_error(learner, tmp_pat
 
 
 @pytest.mark.task(4)
-def test_garbage_file_raises_corrupt_checkpoint_error(learner, tmp_path):
+def test_garbage_file_raises_corrupt_checkpoint_error(task_kit, tmp_path):
     """a file that is not a checkpoint raises CorruptCheckpointError"""
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"\x00not a zip file" * 10)
-    with pytest.raises(learner.CorruptCheckpointError):
-        learner.load_checkpoint_file(path)
+    with pytest.raises(task_kit.CorruptCheckpointError):
+        task_kit.load_checkpoint_file(path)
