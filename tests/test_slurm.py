@@ -258,10 +258,17 @@ def test_ddp_job_completes(slurm, tmp_path):
     assert "step 40/40" in output and "rendezvous 127.0.0.1:" in output
 
 
-def test_ddp_job_is_signalled_on_every_rank_and_resumes(slurm, tmp_path, python_exe):
-    """--signal=USR1 without B: reaches both srun tasks; both stop after the same step,
-    rank 0 requeues, and the resumed job ends like a 2-rank run that was never stopped."""
+@pytest.mark.parametrize("cluster, placement", [
+    ("slurm", ()),
+    ("slurm_two_nodes", ("--nodes=2", "--ntasks-per-node=1")),
+], ids=["one node", "a rank on each of two nodes"])
+def test_ddp_job_is_signalled_on_every_rank_and_resumes(cluster, placement, request, tmp_path,
+                                                        python_exe):
+    """--signal=USR1 without B: reaches both srun tasks, on one node or on two; both stop
+    after the same step, rank 0 requeues, and the resumed job ends like a 2-rank run that
+    was never stopped."""
     from interrupted_run import run_until_finished
+    slurm = request.getfixturevalue(cluster)
 
     args = SLOW.format(steps=200)
     reference_dir = tmp_path / "reference"
@@ -270,13 +277,14 @@ def test_ddp_job_is_signalled_on_every_rank_and_resumes(slurm, tmp_path, python_
     run_until_finished(command, world_size=2, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch")
-    job_id = slurm.submit(project / "ddp.sbatch", project, TRAIN_ARGS=args)
+    job_id = slurm.submit(project / "ddp.sbatch", project, *placement, TRAIN_ARGS=args)
     output_file = project / f"ckpt-ddp-{job_id}.out"
     wait_for_step(slurm, output_file, 60, job_id)
     slurm.run("scancel", "--signal=USR1", job_id)
     job = slurm.wait_final(job_id, timeout=180)
     output = output_file.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
+    assert job["NumNodes"] == ("2" if placement else "1"), job
     assert_same_run(reference_dir / "last.pt", project / "checkpoints/last.pt", output_file)
 
 
