@@ -32,6 +32,7 @@ import datetime
 import json
 import logging
 import os
+import platform
 import random
 import re
 import shutil
@@ -227,13 +228,14 @@ def seed_all(seed: int) -> None:
 class PeerRecord:
     """What one rank last told the others: how many times it has started waiting for them
     (``arrivals``), the last step it completed, where it was, whether the others are
-    waiting for it on purpose (``busy``: rank 0 writing a checkpoint), and whether it has
-    left the run normally."""
+    waiting for it on purpose (``busy``: rank 0 writing a checkpoint), whether it has
+    left the run normally, and on which node it runs."""
     arrivals: int
     step: int
     where: str
     busy: bool = False
     left: bool = False
+    node: str = ""
 
     def to_text(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -311,7 +313,9 @@ class PeerWatchdog:
         # torchrun it is already separate for each restart of the workers.
         self.store = store if store is not None or not self.enabled else \
             dist.distributed_c10d._get_default_store()
-        self.record = PeerRecord(arrivals=0, step=current_step(), where="starting")
+        # Slurm's name of the node (a frozen node is what to --exclude), else the host's.
+        node = os.environ.get("SLURMD_NODENAME") or platform.node()
+        self.record = PeerRecord(arrivals=0, step=current_step(), where="starting", node=node)
         self._write_lock = threading.Lock()  # held by busy(): no exit in the middle of it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -324,7 +328,8 @@ class PeerWatchdog:
     # -- called by the training loop (main thread); cheap: no I/O
     def arrive(self, where: str) -> None:
         """This rank is about to wait for the others (``where`` says in what)."""
-        self.record = PeerRecord(self.record.arrivals + 1, self.current_step(), where)
+        self.record = PeerRecord(self.record.arrivals + 1, self.current_step(), where,
+                                 node=self.record.node)
 
     @contextlib.contextmanager
     def busy(self, what: str):
@@ -427,8 +432,9 @@ class PeerWatchdog:
         used again: ``os._exit`` is the only way out, so the logs are flushed first."""
         for rank in stuck:
             record = records[rank]
-            self._log.error("rank %d has made no progress for %.0f s (last seen at step %d, "
-                            "%s); stopping with exit code %d", rank, unchanged[rank],
+            self._log.error("rank %d%s has made no progress for %.0f s (last seen at step "
+                            "%d, %s); stopping with exit code %d", rank,
+                            f" on node {record.node}" if record.node else "", unchanged[rank],
                             record.step, record.where, self.exit_code)
         # Never in the middle of this rank's own checkpoint write (the kit's marker would
         # keep the folder valid even then, but the write would be lost): wait for it,

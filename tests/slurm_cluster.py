@@ -70,9 +70,10 @@ class SlurmCluster:
         """What Slurm does at --signal=B:SIG@T: signal the batch shell only."""
         self.run("scancel", f"--signal={signal}", "--batch", job_id)
 
-    def kill_node(self, node: str) -> None:
-        """A node failure: that node's slurmd and every process of its job steps die."""
-        self.run(str(REPO / "scripts" / "local-slurm"), "kill-node", node)
+    def node_command(self, command: str, node: str) -> None:
+        """scripts/local-slurm's kill-node (a node failure: its slurmd and every process of
+        its job steps die), freeze-node, thaw-node or revive-node."""
+        self.run(str(REPO / "scripts" / "local-slurm"), command, node)
 
 
 def last_step(output_file: Path) -> int:

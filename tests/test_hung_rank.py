@@ -32,7 +32,7 @@ PEER_TIMEOUT = 4.0
 # a loaded machine: the ranks' exit, and the supervisor noticing it.
 DETECTION_MARGIN = 6.0
 TIMEOUT = 90  # a run that outlives this has hung for real: fail instead of waiting
-LIVENESS = re.compile(r"rank (\d+) has made no progress for (\d+) s "
+LIVENESS = re.compile(r"rank (\d+) on node \S+ has made no progress for (\d+) s "
                       r"\(last seen at step (\d+), ([^)]*)\)")
 
 

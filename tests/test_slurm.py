@@ -231,13 +231,15 @@ def test_a_dead_node_requeues_the_job_and_it_resumes_on_the_other(slurm_two_node
     output_file = project / f"ckpt-preemptible-{job_id}.out"
     wait_for_step(cluster, output_file, 120, job_id)
     dead = cluster.job(job_id)["NodeList"]
-    cluster.kill_node(dead)
-    # Gone for real, as on a dead machine: no process of the job runs on in its folder
-    # (Slurm needs ~10 s to notice the node, so the requeued run has not started yet).
-    cluster.wait_until(lambda: not processes_working_in(project), 5,
-                       "the job's processes to die with their node")
-
-    job = cluster.wait_final(job_id, timeout=180)
+    cluster.node_command("kill-node", dead)
+    try:
+        # Gone for real, as on a dead machine: no process of the job runs on in its folder
+        # (Slurm needs ~10 s to notice the node, so the requeued run has not started yet).
+        cluster.wait_until(lambda: not processes_working_in(project), 5,
+                           "the job's processes to die with their node")
+        job = cluster.wait_final(job_id, timeout=180)
+    finally:
+        cluster.node_command("revive-node", dead)  # for the next test on this cluster
     output = output_file.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
     assert job["NodeList"] not in ("", dead), f"ran again on {job['NodeList']}:\n{output}"
@@ -286,6 +288,32 @@ def test_ddp_job_is_signalled_on_every_rank_and_resumes(cluster, placement, requ
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output
     assert job["NumNodes"] == ("2" if placement else "1"), job
     assert_same_run(reference_dir / "last.pt", project / "checkpoints/last.pt", output_file)
+
+
+def test_a_frozen_node_is_named_by_the_ranks_on_the_others(slurm_two_nodes, tmp_path):
+    """A rank on each of two nodes; one node freezes (every process on it stopped, its
+    slurmd too, as a hung kernel or a dead network does). The rank on the other node waits
+    in a collective; its watchdog names the frozen rank and its node within --peer-timeout
+    and ends it (exit 6) instead of hanging until the time limit; Slurm then finds the node
+    dead too. (--no-requeue: a requeued job would wait for both nodes.)"""
+    cluster = slurm_two_nodes
+    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch")
+    args = SLOW.format(steps=3000) + " --peer-timeout 4"
+    job_id = cluster.submit(project / "ddp.sbatch", project, "--nodes=2",
+                            "--ntasks-per-node=1", "--no-requeue", TRAIN_ARGS=args)
+    output_file = project / f"ckpt-ddp-{job_id}.out"
+    wait_for_step(cluster, output_file, 60, job_id)
+    cluster.node_command("freeze-node", "n2")
+    try:
+        cluster.wait_until(lambda: "rank 1 on node n2 has made no progress"
+                           in output_file.read_text(), 60, "the watchdog to name node n2")
+        job = cluster.wait_final(job_id, timeout=120)
+    finally:
+        cluster.node_command("thaw-node", "n2")
+        cluster.node_command("revive-node", "n2")  # for the next test on this cluster
+    output = output_file.read_text()
+    assert "task 0: Exited with exit code 6" in output, output  # rank 0 did not hang
+    assert job["JobState"] == "NODE_FAIL", output
 
 
 # ------------------------------------------------------------------ chain and array
