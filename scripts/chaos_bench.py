@@ -166,6 +166,7 @@ class SaveWatcher:
     def __init__(self, folder: Path, on_save):
         self.folder, self.on_save = folder, on_save
         self.armed, self.closed = threading.Event(), threading.Event()
+        self.lock = threading.Lock()
         libc = ctypes.CDLL(None, use_errno=True)
         self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0 or libc.inotify_add_watch(
@@ -175,6 +176,16 @@ class SaveWatcher:
 
     def arm(self) -> None:
         self.armed.set()
+        # A save that began just before arming (its event already read and dropped by
+        # the watching thread) is still a save in flight: it counts.
+        if any(is_in_flight(entry.name) for entry in os.scandir(self.folder)):
+            self._fire_once()
+
+    def _fire_once(self) -> None:
+        with self.lock:
+            if not self.closed.is_set():
+                self.closed.set()
+                self.on_save()
 
     def close(self) -> None:
         self.closed.set()
@@ -186,7 +197,7 @@ class SaveWatcher:
                     continue
                 names = _inotify_names(os.read(self.fd, 65536))
                 if self.armed.is_set() and any(is_in_flight(n) for n in names):
-                    self.on_save()
+                    self._fire_once()
                     return
         finally:
             os.close(self.fd)
@@ -278,17 +289,52 @@ class Reference:
     total_steps: int
     startup_seconds: float  # until the first progress line
     save_seconds: float     # one save, on average (0 when the command does not say)
+    save_every: int = 0     # steps between periodic saves, at most (0: not known)
+
+
+# Faults that wait for a save to land: the resumed run may start as late as that save.
+WAITS_FOR_A_SAVE = ("kill-in-save", "signal-in-save", "disk-full")
+
+
+def leaves_a_run_to_hit(plan: list[tuple[int, str]], ref: Reference) -> bool:
+    """Whether every fault of ``plan`` (steps in order) still finds steps to run, in the
+    worst case: a fault fires at its step or at the first step of its attempt if that is
+    later, and the next attempt resumes from where it fired, or from the save that a
+    fault waiting for one hit. A save-waiting fault whose save is the final one would
+    leave the faults after it a finished run, which they could never reach."""
+    resumed_from = 0
+    for step, kind in plan:
+        fires_at = max(step, resumed_from + 1)
+        waits = kind in WAITS_FOR_A_SAVE
+        # A signal needs a step after it to land in; a save-waiting fault may hit the last save.
+        if fires_at > ref.total_steps or (fires_at == ref.total_steps and not waits):
+            return False
+        if waits and ref.save_every:  # the next save may be a whole interval away
+            resumed_from = min(fires_at + ref.save_every, ref.total_steps)
+        else:
+            resumed_from = fires_at
+    return True
+
+
+def draw_fault_steps(rng: random.Random, kinds: list[str], ref: Reference) -> list[int]:
+    """Distinct random steps in the first 80 % of the run, drawn again until every fault
+    still has a run to hit (see ``leaves_a_run_to_hit``)."""
+    population = range(2, max(ref.total_steps * 4 // 5, len(kinds) + 2))
+    for _ in range(1000):
+        steps = sorted(rng.sample(population, len(kinds)))
+        if leaves_a_run_to_hit(list(zip(steps, kinds)), ref):
+            return steps
+    raise SystemExit(f"chaos bench: {len(kinds)} faults do not fit in a run of "
+                     f"{ref.total_steps} steps that saves every {ref.save_every}: ask for "
+                     "fewer --faults-per-run, or a longer run")
 
 
 def plan_run(rng: random.Random, kinds: list[str], ref: Reference, ranks: int,
              ckpt_dir: Path) -> list[Fault]:
-    """One fault of each of ``kinds`` (in that order), at distinct random steps. The
-    steps stay in the first 80 % of the run, so that an in-save fault finds a periodic
-    save after its step, and the faults after it still have a run to hit."""
-    steps = sorted(rng.sample(range(2, max(ref.total_steps * 4 // 5, len(kinds) + 2)),
-                              len(kinds)))
+    """One fault of each of ``kinds`` (in that order), at distinct random steps that
+    leave every fault a run to hit."""
     faults = []
-    for step, kind in zip(steps, kinds):
+    for step, kind in zip(draw_fault_steps(rng, kinds, ref), kinds):
         sig = rng.choice(PREEMPTION_SIGNALS)
         some_ranks = None
         if ranks > 1 and kind in ("signal", "signal-in-save") and rng.random() < 0.5:
@@ -379,10 +425,14 @@ class Bench:
                              f"(exit {attempt.exit_codes}):\n" + "\n".join(attempt.output[-20:])
                              + "\nIt must exit 0 and print 'step N/M' lines (--log-every 1).")
         saves = next((int(m[1]) for line in attempt.output
-                      if (m := SAVE_COUNT.search(line))), 1)
-        return Reference(final=ckpt_dir / self.args.final, total_steps=attempt.total_steps,
+                      if (m := SAVE_COUNT.search(line))), 0)
+        total = attempt.total_steps
+        # n saves over the run, the last one at its end: periodic saves come at most
+        # total / (n - 1) steps apart (rounded up).
+        return Reference(final=ckpt_dir / self.args.final, total_steps=total,
                          startup_seconds=attempt.progress_times[0][0],
-                         save_seconds=(attempt.save_seconds or 0.0) / max(saves, 1))
+                         save_seconds=(attempt.save_seconds or 0.0) / max(saves, 1),
+                         save_every=-(-total // (saves - 1)) if saves > 1 else 0)
 
     def check_own_file_system(self) -> None:
         wanted = [k for k in self.kinds if k in NEEDS_OWN_FILESYSTEM]

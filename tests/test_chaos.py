@@ -4,6 +4,7 @@ interrupted. The seed of each bench run is in its report, printed when a test fa
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import sys
@@ -110,6 +111,7 @@ def test_save_watcher_fires_on_an_in_flight_save_only_once_armed(tmp_path):
         (tmp_path / ".tmp-before-arming").touch()
         time.sleep(0.2)
         assert fired == []
+        (tmp_path / ".tmp-before-arming").unlink()  # that save ended before arming
         watcher.arm()
         (tmp_path / "step_00000010.pt").touch()  # a finished file is not a save in flight
         created = time.monotonic()
@@ -120,6 +122,35 @@ def test_save_watcher_fires_on_an_in_flight_save_only_once_armed(tmp_path):
         assert len(fired) == 1 and fired[0] - created < 0.5
     finally:
         watcher.close()
+
+
+def test_save_watcher_armed_during_a_save_fires_at_once(tmp_path):
+    """Arming on the step that saves races the save: its file may already exist."""
+    fired = []
+    watcher = chaos_bench.SaveWatcher(tmp_path, lambda: fired.append(True))
+    try:
+        (tmp_path / ".tmp-step_00000030.pt.99").touch()
+        time.sleep(0.2)
+        watcher.arm()
+        (tmp_path / ".tmp-step_00000060.pt.99").touch()
+        time.sleep(0.2)
+        assert fired == [True]
+    finally:
+        watcher.close()
+
+
+def test_fault_steps_leave_every_fault_a_run_to_hit():
+    ref = chaos_bench.Reference(final=None, total_steps=240, startup_seconds=1,
+                                save_seconds=0.01, save_every=35)
+    # A kill waiting for the save after step 220 may hit the last one: nothing after it.
+    assert not chaos_bench.leaves_a_run_to_hit([(220, "kill-in-save"), (230, "signal")], ref)
+    assert chaos_bench.leaves_a_run_to_hit([(150, "kill-in-save"), (160, "signal")], ref)
+    assert not chaos_bench.leaves_a_run_to_hit([(240, "signal")], ref)
+    rng = random.Random(3)
+    kinds = list(chaos_bench.KINDS) * 2
+    for _ in range(50):
+        plan = list(zip(chaos_bench.draw_fault_steps(rng, kinds, ref), kinds))
+        assert chaos_bench.leaves_a_run_to_hit(plan, ref)
 
 
 def test_disk_full_fault_fills_the_file_system(tmp_path):
