@@ -40,13 +40,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from checkpoint_utils import capture_rng_state, log, restore_rng_state
+from checkpoint_utils import (ResumableSampler, TrainingProgress, capture_rng_state, log,
+                              restore_rng_state)
 
 # The exit code of a rank that gave up waiting for a peer that no longer makes progress
 # (beside checkpoint_utils' 0 finished, 3 requeued, 4 save timeout, 75 preempted). The
@@ -221,6 +222,82 @@ def seed_all(seed: int) -> None:
     if np is not None:
         np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ elastic data order
+class ElasticSampler(ResumableSampler):
+    """A ``ResumableSampler`` whose place in the epoch survives a change in the number of
+    ranks, as when a job requeued after a node failure restarts on fewer nodes.
+
+    Each epoch has one global order. At every step the ranks together take its next
+    ``batch_size * num_replicas`` indices, rank r every num_replicas-th of them from r, so
+    the part of the epoch used so far is one number, the same for any number of ranks:
+    ``samples_done``. A run resumed on other ranks goes on from there, and across any
+    sequence of restarts every sample of an epoch is used exactly once (at the end of an
+    epoch, fewer samples than one step of all ranks takes are left out, as ``drop_last``
+    does). With the same number of ranks the batches are those of ``ResumableSampler``.
+
+    Example::
+
+        sampler = ElasticSampler(len(dataset), batch_size=32, seed=0, rank=r, num_replicas=n)
+        progress = restore_training_state(checkpoint, ..., sampler=sampler)
+        sampler.resume_position(checkpoint["sampler"], progress)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Samples of epoch `offset_epoch` used before this run's batches, when an earlier
+        # run of that epoch had another number of ranks; 0 otherwise.
+        self.offset_epoch, self.offset = 0, 0
+
+    def samples_done(self) -> int:
+        """Samples of the current epoch used before the batch that comes next."""
+        offset = self.offset if self.offset_epoch == self.epoch else 0
+        return offset + self.start_batch * self.batch_size * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        first = self.samples_done()
+        end = first + (self.dataset_size - first) // self.num_replicas * self.num_replicas
+        return iter(self.global_order(self.epoch)[first + self.rank:end:self.num_replicas])
+
+    def __len__(self) -> int:
+        return (self.dataset_size - self.samples_done()) // self.num_replicas
+
+    def batches_per_epoch(self, drop_last: bool = True) -> int:
+        """Batches of this rank in the current epoch, counted from the offset."""
+        offset = self.offset if self.offset_epoch == self.epoch else 0
+        share = (self.dataset_size - offset) // self.num_replicas
+        return share // self.batch_size if drop_last else -(-share // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "offset": [self.offset_epoch, self.offset]}
+
+    def check_compatible(self, saved: dict) -> None:
+        """Warn when the order itself changed; another number of ranks is welcome."""
+        mine = self.state_dict()
+        super().check_compatible({**saved, "num_replicas": mine["num_replicas"],
+                                  "offset": mine["offset"]})
+
+    def resume_position(self, saved: dict, progress: TrainingProgress) -> None:
+        """Continue the epoch where the saved run left it. Call it after
+        ``restore_training_state`` with the checkpoint's ``"sampler"`` entry: with another
+        number of ranks, ``progress.batch_in_epoch`` (counted in the saved run's batches)
+        is turned into the offset, and this run counts its own batches from 0."""
+        offset_epoch, offset = saved.get("offset", (0, 0))
+        if offset_epoch != progress.epoch:  # an offset of an epoch already finished
+            offset_epoch, offset = 0, 0
+        self.offset_epoch, self.offset = offset_epoch, offset
+        if saved["num_replicas"] == self.num_replicas:
+            return
+        self.offset_epoch = progress.epoch
+        self.offset += progress.batch_in_epoch * saved["batch_size"] * saved["num_replicas"]
+        log.warning("checkpoint was saved by %d ranks, now %d: the epoch goes on after its "
+                    "first %d samples, each of the rest used once", saved["num_replicas"],
+                    self.num_replicas, self.offset)
+        progress.batch_in_epoch = 0
+        self.set_epoch(progress.epoch)
+        if self.batches_per_epoch() == 0:  # not one whole step of the epoch was left
+            progress.epoch, self.offset = progress.epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------- liveness

@@ -56,7 +56,6 @@ from checkpoint_utils import (  # noqa: E402
     CheckpointError,
     EmergencyDeadline,
     PreemptionHandler,
-    ResumableSampler,
     SaveSchedule,
     TrainingProgress,
     atomic_write_bytes,
@@ -64,6 +63,7 @@ from checkpoint_utils import (  # noqa: E402
 )
 from distributed_utils import (  # noqa: E402
     DistributedContext,
+    ElasticSampler,
     StepAgreement,
     gather_rng_states,
     init_distributed,
@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ----- CHANGE ME (1/3): your data. Any map-style Dataset works with ResumableSampler.
+# ----- CHANGE ME (1/3): your data. Any map-style Dataset works with ElasticSampler.
 def make_dataset(seed: int) -> TensorDataset:
     """2048 points in 32 dimensions, labelled by a fixed random linear "teacher"."""
     g = torch.Generator().manual_seed(seed)
@@ -205,15 +205,15 @@ def capture_extra_state(progress: TrainingProgress, scheduler, sampler) -> dict:
 
 
 def restore_extra_state(extra: dict, ctx: DistributedContext, scheduler,
-                        sampler: ResumableSampler, steps_per_epoch: int) -> TrainingProgress:
-    """Put back what ``capture_extra_state`` saved and return where training stands."""
+                        sampler: ElasticSampler) -> TrainingProgress:
+    """Put back what ``capture_extra_state`` saved and return where training stands; on
+    another number of ranks, the epoch goes on with the samples it has not used."""
     scheduler.load_state_dict(extra["scheduler"])
     sampler.check_compatible(extra["sampler"])
     progress = TrainingProgress(step=extra["step"], epoch=extra["epoch"],
                                 batch_in_epoch=extra["batch_in_epoch"],
                                 metrics=dict(extra["metrics"]))
-    if progress.batch_in_epoch >= steps_per_epoch:  # fewer batches per rank than saved
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    sampler.resume_position(extra["sampler"], progress)
     restore_rank_rng_state(extra["rng"], ctx.rank)  # last: nothing draws after it
     return progress
 
@@ -267,11 +267,12 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
     torch.use_deterministic_algorithms(True)
 
     dataset = make_dataset(args.seed)
-    sampler = ResumableSampler(len(dataset), batch_size=args.batch_size, seed=args.seed,
-                               rank=ctx.rank, num_replicas=ctx.world_size)
+    # One order per epoch for all ranks together: a run resumed on more or fewer ranks
+    # goes on with the samples that the epoch has not used yet.
+    sampler = ElasticSampler(len(dataset), batch_size=args.batch_size, seed=args.seed,
+                             rank=ctx.rank, num_replicas=ctx.world_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
     model, optimizer, scheduler = make_model_and_optimizer(args, device)
     seed_all(args.seed + 1 + ctx.rank)  # dropout and augmentation differ per rank
 
@@ -290,7 +291,7 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
     resumed = resume_sharded(ckpt_dir, model, optimizer)
     if resumed is not None:
         info, extra = resumed
-        progress = restore_extra_state(extra, ctx, scheduler, sampler, steps_per_epoch)
+        progress = restore_extra_state(extra, ctx, scheduler, sampler)
         saver.last_step = info.step  # the final save of a finished run is not repeated
 
     def save(kind: str) -> None:
@@ -305,6 +306,7 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
     model.train()
     while progress.step < args.steps and not stopped:
         sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
+        steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
         for inputs, targets in loader:
             inputs, targets = augment(inputs).to(device), targets.to(device)
             loss = train_step(model, optimizer, scheduler, inputs, targets)

@@ -129,15 +129,16 @@ class ResumableSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def global_order(self, epoch: int) -> list[int]:
+        """Every index once, in this epoch's order: the shares of all ranks together."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return (torch.randperm(self.dataset_size, generator=generator).tolist()
+                if self.shuffle else list(range(self.dataset_size)))
+
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's full order of indices for one epoch."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        else:
-            order = list(range(self.dataset_size))
         usable = self.dataset_size - self.dataset_size % self.num_replicas  # equal shares
-        return order[self.rank:usable:self.num_replicas]
+        return self.global_order(epoch)[self.rank:usable:self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_order(self.epoch)[self.start_batch * self.batch_size:])

@@ -62,7 +62,6 @@ from checkpoint_utils import (  # noqa: E402
     CheckpointManager,
     EmergencyDeadline,
     PreemptionHandler,
-    ResumableSampler,
     SaveSchedule,
     TrainingProgress,
     capture_training_state,
@@ -74,6 +73,7 @@ from checkpoint_staging import StagedCheckpointManager  # noqa: E402
 from distributed_utils import (  # noqa: E402
     EXIT_PEER_LOST,
     DistributedContext,
+    ElasticSampler,
     PeerWatchdog,
     StepAgreement,
     gather_rng_states,
@@ -322,7 +322,7 @@ class DDPRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    sampler: ResumableSampler
+    sampler: ElasticSampler
     loader: DataLoader | HangingLoader  # HangingLoader in a drill only
     manager: CheckpointManager | None  # rank 0's; None on the other ranks
     schedule: SaveSchedule
@@ -435,9 +435,10 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     settle_gradient_buckets(model, optimizer, dataset, args.batch_size, device)
     seed_all(args.seed + ctx.rank)
 
-    # Each rank trains on its own share of every epoch, in an order fixed by (seed, epoch).
-    sampler = ResumableSampler(len(dataset), batch_size=args.batch_size, seed=args.seed,
-                               rank=ctx.rank, num_replicas=ctx.world_size)
+    # Each rank trains on its own share of every epoch, in an order fixed by (seed, epoch);
+    # a run resumed on more or fewer ranks goes on with the samples the epoch has not used.
+    sampler = ElasticSampler(len(dataset), batch_size=args.batch_size, seed=args.seed,
+                             rank=ctx.rank, num_replicas=ctx.world_size)
     # Its own generator, as in the single-process template: a resumed run starts one more
     # iterator than the uninterrupted one, and must not draw its seed from the global RNG.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
@@ -450,6 +451,7 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     if checkpoint is not None:
         progress = restore_training_state(checkpoint, model=model.module, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
+        sampler.resume_position(checkpoint["sampler"], progress)
         restore_own_rng_state(checkpoint, ctx.rank)  # rank 0's alone is in "rng"
         del checkpoint
     schedule = SaveSchedule(every_steps=args.save_every_steps,
