@@ -53,6 +53,10 @@ from checkpoint_utils import (ResumableSampler, TrainingProgress, capture_rng_st
 # (beside checkpoint_utils' 0 finished, 3 requeued, 4 save timeout, 75 preempted). The
 # run is not finished: resume it from the newest checkpoint once the stuck rank is gone.
 EXIT_PEER_LOST = 6
+# How gloo and NCCL word a collective that failed because the process at the other end is
+# gone (killed, or its node died): such a run is to be resumed, not debugged.
+LOST_PEER_WORDING = re.compile(r"Connection (reset|closed) by peer|Broken pipe|"
+                               r"remote process exited|NCCL communicator was aborted", re.I)
 
 try:  # NumPy is optional, as in checkpoint_utils.
     import numpy as np
@@ -300,6 +304,34 @@ class ElasticSampler(ResumableSampler):
             progress.epoch, self.offset = progress.epoch + 1, 0
 
 
+def exit_if_peer_lost(error: BaseException, rank: int) -> None:
+    """End this rank with ``EXIT_PEER_LOST`` and one clear line when ``error`` is a
+    collective that failed because another rank is gone; return otherwise (re-raise it).
+
+    Example::
+
+        except RuntimeError as error:
+            exit_if_peer_lost(error, ctx.rank)
+            raise
+    """
+    if not (isinstance(error, RuntimeError) and LOST_PEER_WORDING.search(str(error))):
+        return
+    log.error("rank %d: another rank is gone (its process was killed, or its node failed): "
+              "%s. Exit code %d: resume from the newest checkpoint.", rank,
+              str(error).splitlines()[0][:240], EXIT_PEER_LOST)
+    flush_logs_and_exit(EXIT_PEER_LOST)
+
+
+def flush_logs_and_exit(code: int) -> None:
+    """``os._exit`` after flushing the logs: a process group whose peer is gone cannot be
+    torn down, and a normal exit could hang in it."""
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 # ----------------------------------------------------------------------------- liveness
 @dataclasses.dataclass(frozen=True)
 class PeerRecord:
@@ -518,8 +550,6 @@ class PeerWatchdog:
         # for at most one more timeout.
         if self._write_lock.acquire(timeout=self.timeout):
             self._write_lock.release()
-        for handler in logging.getLogger().handlers + self._log.handlers:
+        for handler in self._log.handlers:
             handler.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(self.exit_code)
+        flush_logs_and_exit(self.exit_code)

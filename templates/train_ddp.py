@@ -73,6 +73,7 @@ from distributed_utils import (  # noqa: E402
     ElasticSampler,
     PeerWatchdog,
     StepAgreement,
+    exit_if_peer_lost,
     gather_rng_states,
     init_distributed,
     restore_rank_rng_state,
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
         # ends them (srun --kill-on-bad-exit).
         log.error("%s Exit code %d.", error, EXIT_STORAGE_UNUSABLE)
         return EXIT_STORAGE_UNUSABLE
+    except RuntimeError as error:  # a rank, or its node, gone: exit 6, and the job resumes
+        exit_if_peer_lost(error, ctx.rank)
+        raise
     # DDP sits in a reference cycle that holds the process group; left for the interpreter
     # to tear down at exit, it now and then aborts a rank ("terminate called without an
     # active exception": about one run in five with 3 ranks, PyTorch 2.13 and gloo).

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -290,30 +291,89 @@ def test_ddp_job_is_signalled_on_every_rank_and_resumes(cluster, placement, requ
     assert_same_run(reference_dir / "last.pt", project / "checkpoints/last.pt", output_file)
 
 
-def test_a_frozen_node_is_named_by_the_ranks_on_the_others(slurm_two_nodes, tmp_path):
-    """A rank on each of two nodes; one node freezes (every process on it stopped, its
-    slurmd too, as a hung kernel or a dead network does). The rank on the other node waits
-    in a collective; its watchdog names the frozen rank and its node within --peer-timeout
-    and ends it (exit 6) instead of hanging until the time limit; Slurm then finds the node
-    dead too. (--no-requeue: a requeued job would wait for both nodes.)"""
+def test_a_frozen_node_is_named_and_the_job_goes_on_without_it(slurm_two_nodes, tmp_path):
+    """A rank on each of two nodes (ddp_multinode.sbatch); the second node freezes (every
+    process on it stopped, its slurmd too, as a hung kernel or a dead network does). The
+    rank on the first node waits in a collective; its watchdog names the frozen rank and
+    its node within --peer-timeout and exits 6 instead of hanging until the time limit;
+    Slurm finds the node dead and requeues the job, which ends on the first node. (When
+    Slurm is slower to notice than the watchdog, the batch script requeues on exit 6: the
+    next test.)"""
     cluster = slurm_two_nodes
-    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch")
-    args = SLOW.format(steps=3000) + " --peer-timeout 4"
-    job_id = cluster.submit(project / "ddp.sbatch", project, "--nodes=2",
-                            "--ntasks-per-node=1", "--no-requeue", TRAIN_ARGS=args)
-    output_file = project / f"ckpt-ddp-{job_id}.out"
+    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch", "ddp_multinode.sbatch")
+    args = SLOW.format(steps=400) + " --peer-timeout 4"
+    job_id = cluster.submit(project / "ddp_multinode.sbatch", project, TRAIN_ARGS=args)
+    output_file = project / f"ckpt-ddp-nodes-{job_id}.out"
     wait_for_step(cluster, output_file, 60, job_id)
     cluster.node_command("freeze-node", "n2")
     try:
         cluster.wait_until(lambda: "rank 1 on node n2 has made no progress"
                            in output_file.read_text(), 60, "the watchdog to name node n2")
-        job = cluster.wait_final(job_id, timeout=120)
+        job = cluster.wait_final(job_id, timeout=180)
     finally:
         cluster.node_command("thaw-node", "n2")
         cluster.node_command("revive-node", "n2")  # for the next test on this cluster
     output = output_file.read_text()
     assert "task 0: Exited with exit code 6" in output, output  # rank 0 did not hang
-    assert job["JobState"] == "NODE_FAIL", output
+    assert job["JobState"] == "COMPLETED" and job["NodeList"] == "n1", output
+    assert job["Restarts"] == "1" and "step 400/400" in output, output
+
+
+def test_a_lost_rank_ends_the_others_with_exit_6_and_the_job_requeues(slurm, tmp_path):
+    """One rank of a ddp.sbatch job is killed, the node stays up: the other rank says that
+    a rank is gone and exits 6; the run had saved, so the batch script requeues the job,
+    and the next run finishes it."""
+    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch")
+    job_id = slurm.submit(project / "ddp.sbatch", project, TRAIN_ARGS=SLOW.format(steps=300))
+    output_file = project / f"ckpt-ddp-{job_id}.out"
+    wait_for_step(slurm, output_file, 60, job_id)
+    rank_1 = next(pid for pid in os.listdir("/proc") if pid.isdigit() and
+                  b"SLURM_PROCID=1\0" in read_or_empty(f"/proc/{pid}/environ") and
+                  b"train_ddp.py" in read_or_empty(f"/proc/{pid}/cmdline"))
+    os.kill(int(rank_1), signal.SIGKILL)
+    job = slurm.wait_final(job_id, timeout=150)
+    output = output_file.read_text()
+    assert "rank 0: another rank is gone" in output, output
+    assert "a rank was lost; this run saved progress: requeueing" in output, output
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), output
+
+
+def read_or_empty(path: str) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(path).read_bytes()
+    return b""
+
+
+def test_a_dead_node_requeues_a_ddp_job_that_goes_on_with_fewer_ranks(slurm_two_nodes,
+                                                                       tmp_path):
+    """ddp_multinode.sbatch on both nodes (a rank on each). The first node dies at once,
+    the batch shell with it. Slurm requeues the job, which starts again on the node that
+    is left, with one rank: the run goes on where the epoch stood, and the samples log
+    (sample_log_probe.py) shows each sample of every finished epoch used exactly once."""
+    from test_elastic_resume import assert_each_sample_once, samples_per_epoch
+    cluster = slurm_two_nodes
+    project = user_project(tmp_path, *DDP_KIT, "ddp.sbatch", "ddp_multinode.sbatch")
+    shutil.copy(Path(__file__).with_name("sample_log_probe.py"), project)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    # 2048 samples in batches of 64: 16 steps per epoch on 2 ranks, 32 on 1.
+    job_id = cluster.submit(project / "ddp_multinode.sbatch", project,
+                            TRAIN_ARGS="--steps 60 --simulate-step-seconds 0.05 "
+                                       "--save-every-steps 4 --log-every 1",
+                            PROGRAM="sample_log_probe.py", SAMPLE_LOG=str(samples))
+    output_file = project / f"ckpt-ddp-nodes-{job_id}.out"
+    wait_for_step(cluster, output_file, 10, job_id)
+    first = cluster.job(job_id)
+    assert first["NodeList"] == "n[1-2]", f"started on {first['NodeList']}"
+    cluster.node_command("kill-node", "n1")
+    try:
+        job = cluster.wait_final(job_id, timeout=180)
+    finally:
+        cluster.node_command("revive-node", "n1")  # for the next test on this cluster
+    output = output_file.read_text()
+    assert job["JobState"] == "COMPLETED" and job["NodeList"] == "n2", output
+    assert "saved by 2 ranks, now 1: the epoch goes on after its first" in output, output
+    assert_each_sample_once(samples_per_epoch(samples), 2048, whole_epochs=2)
 
 
 # ------------------------------------------------------------------ chain and array
