@@ -185,6 +185,14 @@ class StepAgreement:
         return self.Decision(stop=bool(flags[0]), timer_due=bool(flags[1]))
 
 
+def all_ranks_true(value: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``value`` is true on every rank. A collective: every rank calls it, with a
+    tensor on the device its backend reduces on (CUDA for NCCL)."""
+    flag = torch.tensor([int(value)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag[0])
+
+
 def gather_rng_states() -> list[dict] | None:
     """Every rank's RNG state, on rank 0 (None on the other ranks). Each rank draws its
     own random numbers (dropout masks differ per rank), so each must get its own back."""

@@ -70,7 +70,10 @@ class NonFiniteGuard:
     when to roll back or to give up. It draws no random numbers and changes no tensor, so
     a run without non-finite values is bitwise the run without the guard.
 
-    ``max_bad_steps=0`` turns it off (``check`` then always allows the step).
+    ``max_bad_steps=0`` turns it off (``check`` then always allows the step). With several
+    ranks, pass ``agree``: a function that gets this rank's "all finite" and returns
+    whether it holds on every rank (``distributed_utils.all_ranks_true``). A NaN on one rank
+    then makes every rank skip, roll back or give up at the same step.
 
     Example::
 
@@ -85,7 +88,8 @@ class NonFiniteGuard:
     """
 
     def __init__(self, *, max_bad_steps: int = 3, max_rollbacks: int = 3,
-                 rollback_lr_factor: float = 1.0, skip_bad_batches: bool = False):
+                 rollback_lr_factor: float = 1.0, skip_bad_batches: bool = False,
+                 agree=None):
         if max_bad_steps < 0 or max_rollbacks < 0:
             raise ValueError("max_bad_steps and max_rollbacks must be 0 or more")
         if not 0.0 < rollback_lr_factor <= 1.0:
@@ -94,6 +98,7 @@ class NonFiniteGuard:
         self.max_rollbacks = max_rollbacks
         self.rollback_lr_factor = rollback_lr_factor
         self.skip_bad_batches = skip_bad_batches
+        self.agree = agree
         self.load_state_dict(None)
 
     @property
@@ -113,13 +118,16 @@ class NonFiniteGuard:
             values.append(("gradient norm", grad_norm.detach().float()))
         # One device-to-host copy for all values: one sync per step on a GPU.
         numbers = torch.stack([v.reshape(()) for _, v in values]).tolist()
-        if all(math.isfinite(n) for n in numbers):
+        finite_here = all(math.isfinite(n) for n in numbers)
+        if (self.agree(finite_here) if self.agree else finite_here):
             self.consecutive_bad, self.streak_batches = 0, []
             return True
         self.consecutive_bad += 1
         self.skipped_steps += 1
         self.streak_batches.append(at.batch_key)
         shown = ", ".join(f"{name} {n:.6g}" for (name, _), n in zip(values, numbers))
+        if finite_here:
+            shown += " here, non-finite on another rank"
         log.warning("step %d: %s, optimizer step skipped (%d in a row)",
                     at.step, shown, self.consecutive_bad)
         return False

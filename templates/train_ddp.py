@@ -73,6 +73,7 @@ from distributed_utils import (  # noqa: E402
     ElasticSampler,
     PeerWatchdog,
     StepAgreement,
+    all_ranks_true,
     exit_if_peer_lost,
     gather_rng_states,
     init_distributed,
@@ -96,7 +97,10 @@ from train_with_checkpoint import (  # noqa: E402
     ProgressLine,
     compute_loss,
     make_dataset,
+    make_guard,
     make_model_and_optimizer,
+    newest_rollback_checkpoint,
+    nonfinite_guard,
     parse_args,
     signing_if_keyed,
     train_one_step,
@@ -122,6 +126,9 @@ def parse_ddp_args(argv=None) -> argparse.Namespace:
                    help=f"exit {EXIT_PEER_LOST} once a rank has made no progress for this long while the "
                         "others wait for it; longer than the longest step and the longest "
                         "checkpoint save (0: off; default: %(default)s)")
+    p.add_argument("--inject-on-rank", type=int, default=None, metavar="R",
+                   help="with --inject-nonfinite: make the loss NaN on rank R only (default: "
+                        "every rank), to see every rank take the guard's action together")
     p.add_argument("--drill-hang-rank", type=int, default=None, metavar="R",
                    help="rehearsal tool: rank R stops in its data loading, as on a stuck "
                         "file system, at --drill-hang-at-step; run again without it to resume")
@@ -202,10 +209,11 @@ def make_checkpoint_manager(args, ctx: DistributedContext) -> CheckpointManager 
 
 def save_checkpoint(manager: CheckpointManager | None, kind: str, *,
                     model: DistributedDataParallel, optimizer, scheduler, scaler, sampler,
-                    progress: TrainingProgress) -> None:
+                    progress: TrainingProgress, extra: dict | None = None) -> None:
     """Save one checkpoint of the whole run. Every rank calls it at the same step; rank 0
     (the one with a manager) writes one file: the kit's state of the model *without* DDP's
-    wrapper, plus ``rng_per_rank``. No rank returns before that file is durable.
+    wrapper, plus ``rng_per_rank`` (and ``extra``, your own state, as in the single-process
+    template). No rank returns before that file is durable.
 
     Example::
 
@@ -217,7 +225,7 @@ def save_checkpoint(manager: CheckpointManager | None, kind: str, *,
     if manager is not None:
         state = capture_training_state(model=model.module, optimizer=optimizer,
                                        scheduler=scheduler, scaler=scaler,
-                                       sampler=sampler, progress=progress)
+                                       sampler=sampler, progress=progress, extra=extra)
         state[RNG_PER_RANK] = rng_per_rank
         manager.save(state, step=progress.step, epoch=progress.epoch, kind=kind)
     # Every rank waits here until rank 0's file and marker are durable. No rank may
@@ -366,6 +374,7 @@ class DDPRun:
     progress: TrainingProgress
     bar: ProgressLine | None  # rank 0's
     watchdog: PeerWatchdog
+    guard: "nonfinite_guard.NonFiniteGuard | None"  # with nonfinite_guard.py beside this file
 
     def save(self, kind: str) -> None:
         """Save a checkpoint of this step; every rank calls it at the same step."""
@@ -378,8 +387,15 @@ class DDPRun:
         with writing, storage_errors_explained(self.args.ckpt_dir, **where):
             save_checkpoint(self.manager, kind, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler,
-                            sampler=self.sampler, progress=self.progress)
+                            sampler=self.sampler, progress=self.progress,
+                            extra=self.guard_state())
         self.schedule.mark_saved()
+
+    def guard_state(self) -> dict | None:
+        """The NaN/Inf guard's state for the checkpoint, once it has anything to keep."""
+        if self.guard is None or not self.guard.has_history():
+            return None  # the checkpoint stays exactly what it is without a guard
+        return {nonfinite_guard.STATE_KEY: self.guard.state_dict()}
 
 
 class HangingLoader:
@@ -483,11 +499,16 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     check_storage_on_rank_0(args, model, optimizer, ctx)
     manager = stage_locally(args, make_checkpoint_manager(args, ctx), ctx)
     progress = TrainingProgress()
+    guard = make_guard(args)
+    if guard is not None:  # a NaN on one rank: every rank skips, rolls back or gives up
+        guard.agree = lambda finite: all_ranks_true(finite, device)
     checkpoint = load_agreed_checkpoint(manager, Path(args.ckpt_dir))
     if checkpoint is not None:
         progress = restore_training_state(checkpoint, model=model.module, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
         sampler.resume_position(checkpoint["sampler"], progress)
+        if guard is not None:
+            guard.load_state_dict((checkpoint["extra"] or {}).get(nonfinite_guard.STATE_KEY))
         restore_own_rng_state(checkpoint, ctx.rank)  # rank 0's alone is in "rng"
         del checkpoint
     schedule = SaveSchedule(every_steps=args.save_every_steps,
@@ -499,7 +520,8 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
                                args.drill_hang_seconds)
     watchdog = make_watchdog(args, model, progress)
     return DDPRun(args, ctx, model, optimizer, scheduler, scaler, sampler, loader, manager,
-                  schedule, StepAgreement(device, watchdog=watchdog), progress, bar, watchdog)
+                  schedule, StepAgreement(device, watchdog=watchdog), progress, bar, watchdog,
+                  guard)
 
 
 def train_epoch(run: DDPRun, preemption: PreemptionHandler) -> int | None:
@@ -519,13 +541,23 @@ def train_epoch(run: DDPRun, preemption: PreemptionHandler) -> int | None:
     run.sampler.set_epoch(progress.epoch, start_batch=progress.batch_in_epoch)
     steps_per_epoch = run.sampler.batches_per_epoch(drop_last=True)
     for inputs, targets in run.loader:
-        loss = train_one_step(run.model, run.optimizer, run.scheduler, run.scaler, inputs,
-                              targets, amp=args.amp, pause=args.simulate_step_seconds)
+        batch = [progress.epoch, progress.batch_in_epoch]
+        at = nonfinite_guard.Position(progress.step + 1, *batch) if run.guard else None
+        if run.guard and run.guard.skips(at):  # gave NaN/Inf before a rollback: not again
+            run.scheduler.step()
+            loss = float("nan")
+        else:
+            inject = batch in args.inject_nonfinite and args.inject_on_rank in (None, run.ctx.rank)
+            loss = train_one_step(run.model, run.optimizer, run.scheduler, run.scaler, inputs,
+                                  targets, amp=args.amp, pause=args.simulate_step_seconds,
+                                  guard=run.guard, at=at, inject_nonfinite=inject)
         # The step is complete on every rank: only now may the state be saved.
         epoch_finished = progress.finish_step(steps_per_epoch)
         progress.metrics["loss"] = loss  # this rank's loss; rank 0's is shown
         if run.bar is not None:
             run.bar.update(progress, loss)
+        if run.guard and run.guard.rollback_due:  # the same step on every rank
+            return roll_back(run)
         if progress.step >= args.steps:
             return None  # finished: a late signal changes nothing
         stop, kind = agree_on_step(run.agreement, run.schedule, preemption, progress,
@@ -542,6 +574,37 @@ def train_epoch(run: DDPRun, preemption: PreemptionHandler) -> int | None:
             run.save(kind)
         if epoch_finished:
             return None  # the next epoch starts with a fresh data order
+    return None
+
+
+def roll_back(run: DDPRun) -> int | None:
+    """Every rank back to the newest step/epoch checkpoint before this step, the one rank 0
+    finds; None to go on from there, EXIT_NON_FINITE when the guard gives up. The guard's
+    decisions agree on every rank, so every rank takes the same one."""
+    info, checkpoint, choice = None, None, [None]
+    if run.manager is not None:
+        info, checkpoint = newest_rollback_checkpoint(run.manager.directory, run.progress.step)
+        choice = [(info.name, info.step) if info else None]
+    dist.broadcast_object_list(choice, src=0)
+    if not run.guard.plan_rollback(at_step=run.progress.step,
+                                   target_step=choice[0] and choice[0][1]):
+        return nonfinite_guard.EXIT_NON_FINITE
+    if checkpoint is None:
+        checkpoint = load_file_rank0_chose(Path(run.args.ckpt_dir) / choice[0][0], choice[0][1])
+    restored = restore_training_state(checkpoint, model=run.model.module,
+                                      optimizer=run.optimizer, scheduler=run.scheduler,
+                                      scaler=run.scaler, sampler=run.sampler)
+    run.sampler.resume_position(checkpoint["sampler"], restored)
+    vars(run.progress).update(vars(restored))  # the watchdog reads this very object
+    # The checkpoint's learning rate already carries the factor of its own time.
+    saved = (checkpoint["extra"] or {}).get(nonfinite_guard.STATE_KEY) or {}
+    nonfinite_guard.scale_learning_rate(run.optimizer, run.scheduler,
+                                        run.guard.lr_factor / saved.get("lr_factor", 1.0))
+    restore_own_rng_state(checkpoint, run.ctx.rank)
+    if run.manager is not None:
+        run.manager.last_saved = info  # the replay's saves are new ones, even at the same steps
+    log.info("rolled back to %s (step %d, epoch %d)", choice[0][0], run.progress.step,
+             run.progress.epoch)
     return None
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def test_ddp_resumed_on_fewer_ranks_uses_every_sample_once(tmp_path, python_exe)
         runs.append(run_ranks(command, ranks, interruption, env=env, timeout=120))
         assert runs[-1].exit_codes == codes, "\n".join(runs[-1].output[-20:])
     assert_each_sample_once(samples_per_epoch(log_dir), 2048, whole_epochs=2)
-    # Stopped after step 11 of 16 on 2 ranks: 11 * 2 * 64 samples used.
-    assert "saved by 2 ranks, now 1: the epoch goes on after its first 1408 samples" in (
-        "\n".join(runs[1].output))
+    # Stopped after step N of 16 on 2 ranks: N * 2 * 64 samples of epoch 0 used.
+    stopped = int(re.search(r"saved preempt_(\d+)", "\n".join(runs[0].output))[1])
+    assert (f"saved by 2 ranks, now 1: the epoch goes on after its first {stopped * 128} "
+            "samples") in "\n".join(runs[1].output)

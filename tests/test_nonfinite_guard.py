@@ -16,7 +16,7 @@ import torch
 
 from compare_checkpoints import checkpoint_differences, load
 from conftest import TEMPLATES, outside_slurm
-from interrupted_run import Interruption, run_once, run_until_finished
+from interrupted_run import Interruption, run_once, run_ranks, run_until_finished
 from nonfinite_guard import (EXIT_NON_FINITE, STATE_KEY, NonFiniteGuard, Position,
                              gradient_norm, scale_learning_rate)
 from train_with_checkpoint import batch_list, train_one_step
@@ -359,3 +359,39 @@ def test_without_bad_values_the_guard_changes_nothing(amp, tmp_path, python_exe)
     assert guarded.exit_code == unguarded.exit_code == 0
     assert STATE_KEY not in load(tmp_path / "guarded" / "last.pt")
     assert_same(tmp_path / "guarded", tmp_path / "unguarded")
+
+
+# ------------------------------------------------------------------ several ranks
+def guard_actions(output: list[str]) -> list[tuple[int, str]]:
+    """(step, action) of a rank's [nonfinite] and rollback lines, in order."""
+    actions = []
+    for line in output:
+        if found := re.search(r"\] step (\d+): .*(optimizer step skipped|rolling back|"
+                              r"giving up|skipped \(non-finite)", line):
+            actions.append((int(found[1]), found[2]))
+    return actions
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+@pytest.mark.parametrize("options, exit_code", [
+    # AMP checks the loss alone: only rank 1 sees a NaN, rank 0's values are finite. The
+    # replay repeats the streak, so both give up, at the same step.
+    (["--amp"], EXIT_NON_FINITE),
+    # NaN gradients: rolled back, the streak's batches skipped on the replay, finished.
+    (["--skip-bad-batches"], 0),
+], ids=["amp, nan loss on rank 1 only", "skip the bad batches"])
+def test_a_nan_on_one_rank_makes_every_rank_act_at_the_same_step(tmp_path, options,
+                                                                 exit_code, python_exe):
+    command = [python_exe, str(TEMPLATES / "train_ddp.py"), "--ckpt-dir", str(tmp_path),
+               "--steps", "30", "--save-every-steps", "4", "--log-every", "1",
+               "--inject-nonfinite", "0:5-7", "--inject-on-rank", "1", *options]
+    attempt = run_ranks(command, 2, env={**outside_slurm(), "OMP_NUM_THREADS": "1"},
+                        timeout=90)
+    rank_0, rank_1 = (guard_actions(output) for output in attempt.rank_output)
+    shown = "\n".join(attempt.rank_output[0][-30:])
+    assert attempt.exit_codes == [exit_code] * 2, shown
+    assert rank_0 == rank_1 and (6, "optimizer step skipped") in rank_0, (rank_0, rank_1)
+    assert (8, "rolling back") in rank_0, rank_0
+    if "--amp" in options:
+        assert "loss 2." in shown and "here, non-finite on another rank" in shown, shown
