@@ -98,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimizer steps of the whole run, across restarts (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes (a resume stays exact: see the data guide)")
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
     p.add_argument("--save-every-steps", type=int, default=100)
     p.add_argument("--save-every-epochs", type=int, default=None)
@@ -380,8 +382,12 @@ def train(args, preemption: PreemptionHandler) -> int:
     # The loader gets its own generator: otherwise each new epoch iterator draws a seed
     # from the global torch RNG, and a resumed run (which starts one more iterator than
     # the uninterrupted run did) would drift from it at the first step after the resume.
+    # Workers may prefetch past a stop: the checkpoint counts the batches trained, and the
+    # sampler starts the resumed run there. Random augmentation stays in train_one_step,
+    # in this process, whose RNG the checkpoint holds; a worker's would not come back.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+                        generator=torch.Generator().manual_seed(args.seed),
+                        num_workers=args.num_workers)
     steps_per_epoch = sampler.batches_per_epoch(drop_last=True)
     model, optimizer, scheduler = make_model_and_optimizer(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
