@@ -65,6 +65,7 @@ from distributed_utils import (  # noqa: E402
     DistributedContext,
     ElasticSampler,
     StepAgreement,
+    exit_if_peer_lost,
     gather_rng_states,
     init_distributed,
     restore_rank_rng_state,
@@ -368,6 +369,9 @@ def main(argv=None) -> int:
         with PreemptionHandler() as preemption:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.signals)  # held since start-up
             return train(args, ctx, preemption)
+    except RuntimeError as error:  # a rank, or its node, gone: exit 6, and the job resumes
+        exit_if_peer_lost(error, ctx.rank)
+        raise
     finally:
         # FSDP2's modules sit in reference cycles that outlive train(). Freed only at
         # interpreter exit, after the process group is gone, they sometimes abort the

@@ -212,12 +212,14 @@ def test_only_rank_0_requeues_and_every_rank_exits_3(tmp_path):
     assert [call for call in calls if call.startswith("requeue")] == ["requeue 987"], calls  # once
 
 
-def test_a_rank_killed_leaves_the_others_one_line_and_exit_6(tmp_path):
+@pytest.mark.parametrize("template", ["train_ddp.py", "train_fsdp.py"])
+def test_a_rank_killed_leaves_the_others_one_line_and_exit_6(template, tmp_path):
     """A rank killed (or its node lost) makes the others' next collective fail: they say
     so in one line and exit 6, the code a batch script requeues on, not a traceback."""
-    attempt = run_ranks(ddp_command(tmp_path / "ckpt"), WORLD_SIZE,
-                        Interruption(20, signal.SIGKILL, ranks=[1]), env=rank_env(),
-                        timeout=TIMEOUT)
+    command = [sys.executable, str(TEMPLATES / template), "--ckpt-dir", str(tmp_path),
+               "--steps", "400", "--log-every", "1", "--no-requeue"]
+    attempt = run_ranks(command, WORLD_SIZE, Interruption(20, signal.SIGKILL, ranks=[1]),
+                        env=rank_env(), timeout=TIMEOUT)
     output = "\n".join(attempt.rank_output[0])
     assert attempt.exit_codes == [6, -signal.SIGKILL], output[-3000:]
     assert "rank 0: another rank is gone (its process was killed, or its node failed)" in output
