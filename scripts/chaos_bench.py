@@ -22,9 +22,17 @@ reference's. Faults, at random steps and delays drawn from ``--seed``:
                    emptied, or its completion marker deleted: the resume must skip it
   disk-full        the file system fills up just before a save
   read-only        the checkpoint folder is read-only for one start of the job
+  node-kill        with --nodes: SIGKILL to every rank of one node at once, a node that
+                   dies; the ranks elsewhere must notice and exit (6)
+  node-freeze      with --nodes: SIGSTOP to every rank of one node, a hung node; the ranks
+                   elsewhere must name it and exit (6) within the command's --peer-timeout,
+                   then the frozen ranks are killed, as when the node is rebooted
 
 disk-full and read-only run on a small tmpfs of the bench's own, which needs root (or
-CAP_SYS_ADMIN) to mount; without it they are skipped and the report says why.
+CAP_SYS_ADMIN) to mount; without it they are skipped and the report says why. The node
+faults need ``--nodes 2`` or more (``--ranks`` split evenly: rank r is on node
+r // (ranks / nodes)); each next start has every node again, as when Slurm requeues
+the job onto a replacement, so the run must still end bitwise identical.
 
 The command must print the templates' progress lines (``step N/M ... loss X``, one per
 step: ``--log-every 1``). The report lists every fault, its exit codes and the steps it
@@ -56,8 +64,10 @@ from pathlib import Path
 from interrupted_run import Attempt, Interruption, run_once, run_ranks
 
 KINDS = ("kill", "kill-in-save", "signal", "signal-in-save", "signal-at-start",
-         "double-signal", "corrupt", "disk-full", "read-only")
+         "double-signal", "corrupt", "disk-full", "read-only", "node-kill", "node-freeze")
 NEEDS_OWN_FILESYSTEM = ("disk-full", "read-only")
+NODE_KINDS = ("node-kill", "node-freeze")
+EXIT_PEER_LOST = 6  # the templates' exit when another rank is gone or hangs
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 CORRUPTIONS = ("truncated", "bit-flipped", "emptied", "marker deleted")
 IN_FLIGHT_PREFIX = ".tmp-"  # how the kits name a save that is being written
@@ -108,8 +118,12 @@ class Fault(Interruption):
             self.armed = True
         elif self.kind == "disk-full":
             self.landed = fill_file_system(self.ckpt_dir)
-        elif self.kind in ("kill", "signal", "corrupt"):
+        elif self.kind in ("kill", "signal", "corrupt", "node-kill"):
             self._fire(attempt, processes)
+        elif self.kind == "node-freeze":
+            self._fire(attempt, processes)
+            threading.Thread(target=self._reboot_when_the_others_end,
+                             args=(attempt, processes), daemon=True).start()
         elif self.kind == "double-signal":
             self._fire(attempt, processes)
             self._later(self.delay, lambda: self.send(attempt, processes, signal.SIGTERM))
@@ -132,6 +146,14 @@ class Fault(Interruption):
             self.landed = any(process.poll() is None for process in processes)
             self.send(attempt, processes, self.signal)
 
+    def _reboot_when_the_others_end(self, attempt: Attempt, processes) -> None:
+        """Kill the frozen ranks once every other rank has ended (by its watchdog, or by
+        finishing): the node is rebooted, and the job can start again."""
+        others = [p for rank, p in enumerate(processes) if rank not in self.ranks]
+        while any(p.poll() is None for p in others):
+            time.sleep(0.05)
+        self.send(attempt, processes, signal.SIGKILL)
+
     def _later(self, seconds: float, action) -> None:
         timer = threading.Timer(seconds, action)
         timer.daemon = True
@@ -144,6 +166,8 @@ class Fault(Interruption):
         sent = self.signal
         if self.kind.startswith("kill"):
             return {0, -signal.SIGKILL}
+        if self.kind in NODE_KINDS:  # the node's ranks killed, the others lost a peer
+            return {0, -signal.SIGKILL, EXIT_PEER_LOST}
         if self.kind in ("disk-full", "read-only"):
             return None
         codes = {0, EXIT_REQUEUED, EXIT_PREEMPTED}
@@ -330,7 +354,7 @@ def draw_fault_steps(rng: random.Random, kinds: list[str], ref: Reference) -> li
 
 
 def plan_run(rng: random.Random, kinds: list[str], ref: Reference, ranks: int,
-             ckpt_dir: Path) -> list[Fault]:
+             ckpt_dir: Path, nodes: int = 1) -> list[Fault]:
     """One fault of each of ``kinds`` (in that order), at distinct random steps that
     leave every fault a run to hit."""
     faults = []
@@ -340,8 +364,14 @@ def plan_run(rng: random.Random, kinds: list[str], ref: Reference, ranks: int,
         if ranks > 1 and kind in ("signal", "signal-in-save") and rng.random() < 0.5:
             some_ranks = sorted(rng.sample(range(ranks), rng.randint(1, ranks - 1)))
         fault = Fault(at_step=step, signal=sig, ranks=some_ranks, kind=kind, ckpt_dir=ckpt_dir)
-        if kind.startswith("kill"):
+        if kind.startswith("kill") or kind == "node-kill":
             fault.signal = signal.SIGKILL
+        if kind in NODE_KINDS:
+            node, per_node = rng.randrange(nodes), ranks // nodes
+            fault.ranks = list(range(node * per_node, (node + 1) * per_node))
+            fault.detail = f"node {node + 1} of {nodes}: ranks {fault.ranks}"
+            if kind == "node-freeze":
+                fault.signal = signal.SIGSTOP
         if kind.endswith("-in-save"):
             fault.delay = rng.uniform(0.0, max(ref.save_seconds, 0.0005))
         elif kind == "signal-at-start":
@@ -350,7 +380,7 @@ def plan_run(rng: random.Random, kinds: list[str], ref: Reference, ranks: int,
             fault.signal, fault.delay = signal.SIGUSR1, 0.005
         elif kind == "corrupt":
             fault.signal, fault.detail = signal.SIGUSR1, rng.choice(CORRUPTIONS)
-        if some_ranks is not None:
+        if some_ranks is not None and kind not in NODE_KINDS:
             fault.detail = f"ranks {some_ranks}"
         faults.append(fault)
     return faults
@@ -434,6 +464,16 @@ class Bench:
                          save_seconds=(attempt.save_seconds or 0.0) / max(saves, 1),
                          save_every=-(-total // (saves - 1)) if saves > 1 else 0)
 
+    def check_nodes(self) -> None:
+        """Node faults need several nodes; without --nodes they are skipped, said why."""
+        if self.args.nodes >= 2:
+            return
+        for kind in [k for k in self.kinds if k in NODE_KINDS]:
+            self.kinds.remove(kind)
+            self.skipped[kind] = "needs --nodes 2 or more (and as many ranks)"
+        if not self.kinds:
+            raise SystemExit("chaos bench: nothing left to run: node faults need --nodes")
+
     def check_own_file_system(self) -> None:
         wanted = [k for k in self.kinds if k in NEEDS_OWN_FILESYSTEM]
         if not wanted:
@@ -452,7 +492,8 @@ class Bench:
     def one_run(self, number: int, count: int, ref: Reference) -> RunResult:
         ckpt_dir = self.workdir / f"run-{number:03d}"
         ckpt_dir.mkdir()
-        faults = plan_run(self.rng, self.deal_kinds(count), ref, self.args.ranks, ckpt_dir)
+        faults = plan_run(self.rng, self.deal_kinds(count), ref, self.args.ranks, ckpt_dir,
+                          self.args.nodes)
         own_fs = any(f.kind in NEEDS_OWN_FILESYSTEM for f in faults)
         if own_fs and (reason := mount_tmpfs(ckpt_dir, self.args.tmpfs_size)):
             raise SystemExit(f"chaos bench: {reason}")
@@ -658,6 +699,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
     p.add_argument("--ranks", type=int, default=1,
                    help="start the command as this many torch.distributed ranks")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="split the ranks over this many nodes, for the node faults")
     p.add_argument("--final", default="last.pt",
                    help="the final checkpoint, in the checkpoint folder (default %(default)s)")
     p.add_argument("--compare", choices=("torch", "tf", "keras", "bytes"), default="torch",
@@ -682,6 +725,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown:
         p.error(f"unknown fault kinds {unknown}; known: {', '.join(KINDS)}")
+    if args.nodes < 1 or args.ranks % args.nodes:
+        p.error(f"--ranks {args.ranks} cannot be split evenly over --nodes {args.nodes}")
     if args.seed is None:
         args.seed = random.randrange(10**6)
     return args
@@ -691,7 +736,8 @@ def replay_command(args) -> str:
     # __file__, not argv[0]: called from pytest, argv[0] is pytest's own entry point.
     return shlex.join([sys.executable, __file__, "--seed", str(args.seed), "--faults",
                        str(args.faults), "--faults-per-run", str(args.faults_per_run),
-                       "--kinds", ",".join(args.kinds), "--ranks", str(args.ranks), "--",
+                       "--kinds", ",".join(args.kinds), "--ranks", str(args.ranks),
+                       "--nodes", str(args.nodes), "--",
                        *args.command])
 
 
@@ -699,6 +745,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
     try:
+        bench.check_nodes()
         bench.check_own_file_system()
         print(f"chaos bench: seed {args.seed}, {args.faults} faults, kinds "
               f"{', '.join(bench.kinds)}; reference run ...", flush=True)

@@ -514,8 +514,11 @@ class PeerWatchdog:
         changed_at = dict.fromkeys(peers, time.monotonic())
         while not self._stop.wait(self.poll_seconds):
             try:
-                self._publish()
-                texts = self._read(peers)
+                texts = self._exchange_within(peers, self.timeout)
+            except TimeoutError:  # the store's host, rank 0, answers no more: frozen
+                if not self._stop.is_set():
+                    self._give_up_on_rank_0()
+                return
             except Exception as error:  # noqa: BLE001 - the store's host has ended
                 if not self._stop.is_set():
                     self._log.warning("cannot reach the store any more (%s); watching "
@@ -531,6 +534,39 @@ class PeerWatchdog:
             stuck = find_stuck_ranks(records, unchanged, self.timeout, self.rank)
             if stuck and not self._stop.is_set():
                 self._give_up(stuck, records, unchanged)
+
+    def _exchange_within(self, peers: list[int], seconds: float) -> dict[int, str | None]:
+        """Publish this rank's record and read the others', on a helper thread: a request
+        to a store whose host is frozen (rank 0 stopped, its node hung) never returns.
+        TimeoutError when no answer came within ``seconds`` (and one more poll, in case
+        this process's own main thread held the GIL meanwhile)."""
+        answer: dict = {}
+
+        def exchange() -> None:
+            try:
+                self._publish()
+                answer["texts"] = self._read(peers)
+            except Exception as error:  # noqa: BLE001 - handed to the watching thread
+                answer["error"] = error
+
+        helper = threading.Thread(target=exchange, name="liveness-store", daemon=True)
+        helper.start()
+        helper.join(seconds)
+        if helper.is_alive():
+            helper.join(self.poll_seconds)
+        if helper.is_alive():
+            raise TimeoutError
+        if "error" in answer:
+            raise answer["error"]
+        return answer["texts"]
+
+    def _give_up_on_rank_0(self) -> None:
+        """Rank 0 holds the store every rank reports to: when it stops answering, it is
+        the one the others wait for (its process stopped, or its node frozen)."""
+        self._log.error("rank 0, which holds the ranks' shared store, has not answered for "
+                        "%.0f s (its process is stopped or its node frozen); stopping with "
+                        "exit code %d", self.timeout, self.exit_code)
+        flush_logs_and_exit(self.exit_code)
 
     def _read(self, peers: list[int]) -> dict[int, str | None]:
         """Every peer's record; None for a rank that has not published one yet (a get of

@@ -74,6 +74,24 @@ def test_ddp_template_survives_faults_on_two_ranks(tmp_path, capsys, python_exe)
 
 
 @pytest.mark.integration
+@pytest.mark.distributed
+def test_ddp_template_survives_a_node_that_dies_and_one_that_freezes(tmp_path, capsys,
+                                                                     python_exe):
+    """Two ranks on two nodes: every rank of one node killed, or frozen. The rank on the
+    other node exits 6 (another rank is gone / named by its watchdog within 3 s), and
+    the next start, on both nodes again, ends bitwise identical."""
+    kinds = chaos_bench.NODE_KINDS
+    result = run_bench(tmp_path, capsys, "--ranks", "2", "--nodes", "2", "--faults", "2",
+                       "--faults-per-run", "2", "--kinds", ",".join(kinds),
+                       "--", *template_command(python_exe, "train_ddp.py", 160),
+                       "--peer-timeout", "3")
+    assert_survived(result, kinds)
+    survivors = [code for run in result["runs"] for f in run["faults"]
+                 for code in f["exit_codes"] if code != -signal.SIGKILL]
+    assert chaos_bench.EXIT_PEER_LOST in survivors, result["printed"]
+
+
+@pytest.mark.integration
 def test_bench_catches_a_resume_that_forgets_the_rng(tmp_path, capsys, python_exe):
     """The bench has teeth: with a kit whose restore_rng_state does nothing, the resumed
     runs draw other dropout masks, and the bench reports the mismatch and exits 1."""

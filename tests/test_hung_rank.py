@@ -217,3 +217,20 @@ def record(arrivals: int, busy: bool = False, left: bool = False) -> PeerRecord:
         "behind-before-busy", "left"])
 def test_the_rank_that_has_not_arrived_is_the_stuck_one(records, unchanged, stuck):
     assert find_stuck_ranks(records, unchanged, timeout_seconds=5.0, own_rank=0) == stuck
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+def test_a_frozen_rank_0_is_named_by_the_others_though_it_holds_the_store(tmp_path):
+    """Rank 0 stopped (SIGSTOP, as on a frozen node) also stops the store every rank
+    reports to, whose requests then never return. Rank 1's watchdog names rank 0 within
+    the peer timeout and exits 6; then rank 0 is killed, as a rebooted node would be."""
+    import chaos_bench
+
+    freeze = chaos_bench.Fault(20, signal.SIGSTOP, ranks=[0], kind="node-freeze")
+    attempt = run_ranks(ddp_command(tmp_path), 2,
+                        freeze, env={**outside_slurm(), "OMP_NUM_THREADS": "1"},
+                        timeout=TIMEOUT)
+    rank_1 = "\n".join(attempt.rank_output[1])
+    assert attempt.exit_codes == [-signal.SIGKILL, EXIT_PEER_LOST], rank_1[-2000:]
+    assert "rank 0, which holds the ranks' shared store, has not answered for 4 s" in rank_1
