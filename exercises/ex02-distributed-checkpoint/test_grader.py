@@ -10,14 +10,16 @@ manager, who wrote, what each rank loaded, its random state) without changing th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import queue
 import re
+import runpy
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +40,14 @@ RUN_TIMEOUT = 25      # seconds for one launch of every rank (8 s when all is we
 GRACE = 5             # once a rank has ended, the others get this long to end too
 HOLD = 2.0            # how long rank 0 holds its last save back (the barrier probe)
 TASKS = {t["number"]: t for t in load_exercise(Path(__file__).parent)["tasks"]}
+
+# Every rank is a process forked from one server that has imported torch (and the part of
+# it DDP loads) once per grading: a plain `python` per rank spent most of the grading
+# time importing torch again. OMP_NUM_THREADS must be set before torch is imported: the
+# OpenMP runtime reads it when it loads.
+os.environ["OMP_NUM_THREADS"] = "1"
+RANKS = multiprocessing.get_context("forkserver")
+RANKS.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
 
 # Runs beside the kit as the entry point of every rank: records what the rank does into
 # $GRADER_RECORD/rank<N>.jsonl, then runs train_ddp.main() unchanged. At the step
@@ -163,6 +173,31 @@ class Launch:
                           for r, out in enumerate(self.output))
 
 
+def run_rank(script: str, argv: list[str], env: dict, cwd: str, output: str) -> None:
+    """One rank, in a process forked from the server: a session of its own (the grader
+    kills the rank's whole group), its output into the FIFO the grader reads, then the
+    script as `python script argv` would run it."""
+    os.setsid()
+    fifo = os.open(output, os.O_WRONLY)
+    os.dup2(fifo, 1)
+    os.dup2(fifo, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def start_rank(command: list[str], env: dict, cwd: Path, fifo: Path):
+    os.mkfifo(fifo)
+    rank = RANKS.Process(target=run_rank, args=(command[1], command[2:], env, str(cwd),
+                                                str(fifo)))
+    rank.start()
+    return rank
+
+
 def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None = None,
            probe_step: int = -1) -> Launch:
     """Start every rank of the kit's train_ddp.py (through the probe), have rank 1 send
@@ -183,16 +218,16 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
     lines: queue.Queue = queue.Queue()
     processes, output = [], [[] for _ in range(WORLD_SIZE)]
 
-    def forward(rank, stream):
-        for line in stream:
-            lines.put((rank, line.rstrip("\n")))
+    def forward(rank, fifo):
+        with open(fifo, encoding="utf-8", errors="replace") as stream:  # waits for the rank
+            for line in stream:
+                lines.put((rank, line.rstrip("\n")))
 
     for rank in range(WORLD_SIZE):
         env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, env=env,
-                                          cwd=kit, start_new_session=True))
-        threading.Thread(target=forward, args=(rank, processes[-1].stdout), daemon=True).start()
+        fifo = record / f"output-{rank}"
+        processes.append(start_rank(command, env, kit, fifo))
+        threading.Thread(target=forward, args=(rank, fifo), daemon=True).start()
     started, first_end, timed_out = time.monotonic(), None, False
     try:
         while True:
@@ -202,7 +237,7 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
                 continue
             except queue.Empty:
                 pass
-            codes = [p.poll() for p in processes]
+            codes = [p.exitcode for p in processes]
             if all(c is not None for c in codes):
                 break
             now = time.monotonic()
@@ -213,9 +248,10 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
                 break
     finally:
         for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            if process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            process.join()
     time.sleep(0.1)  # let the reader threads drain the last lines
     while not lines.empty():
         rank, line = lines.get()
@@ -225,7 +261,7 @@ def launch(kit: Path, ckpt: Path, record: Path, *, signal_rank1_at: int | None =
         path = record / f"rank{rank}.jsonl"
         records.append([json.loads(x) for x in path.read_text().splitlines()]
                        if path.exists() else [])
-    return Launch([p.returncode for p in processes], output, timed_out, records)
+    return Launch([p.exitcode for p in processes], output, timed_out, records)
 
 
 @dataclasses.dataclass
