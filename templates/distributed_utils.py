@@ -263,7 +263,8 @@ class ElasticSampler(ResumableSampler):
         self.offset_epoch, self.offset = 0, 0
 
     def samples_done(self) -> int:
-        """Samples of the current epoch used before the batch that comes next."""
+        """Samples of the current epoch used before its first batch in this iteration
+        (the offset, and the ``start_batch`` given to ``set_epoch``)."""
         offset = self.offset if self.offset_epoch == self.epoch else 0
         return offset + self.start_batch * self.batch_size * self.num_replicas
 
