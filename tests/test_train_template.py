@@ -82,6 +82,13 @@ def test_job_id_with_shell_metacharacters_is_refused(fake_scontrol, tmp_path, py
 
 
 
+def wait_for_text(path, text: str, process, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in path.read_text() and time.monotonic() < deadline:
+        assert process.poll() is None, path.read_text()
+        time.sleep(0.05)
+
+
 def test_a_killed_run_keeps_every_line_it_printed(tmp_path, python_exe):
     """Output to a file is block-buffered unless PYTHONUNBUFFERED is set: a job killed at
     its time limit would lose its last lines. Every line must be in the file as soon as it
@@ -97,11 +104,12 @@ def test_a_killed_run_keeps_every_line_it_printed(tmp_path, python_exe):
                                 "--save-every-steps", "1000000"],
                                cwd=project, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            # 5 lines, about 500 bytes: a buffer of 8 kB would hold them for 10 s or more.
-            deadline = time.monotonic() + 8
-            while "step 5/" not in log.read_text() and time.monotonic() < deadline:
-                assert run.poll() is None, log.read_text()
-                time.sleep(0.1)
+            # Start-up (importing torch) may take long on a busy machine: wait for the
+            # first line. A block buffer of 8 kB would release about 80 lines at once.
+            wait_for_text(log, "step 1/", run, seconds=120)
+            first = log.read_text()
+            assert "step 20/" not in first, f"the lines came in a block:\n{first}"
+            wait_for_text(log, "step 5/", run, seconds=8)  # 5 lines, about 500 bytes
         finally:
             run.kill()
             run.wait()
