@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -263,24 +263,10 @@ class ElasticSampler(ResumableSampler):
         self.offset_epoch, self.offset = 0, 0
 
     def samples_done(self) -> int:
-        """Samples of the current epoch used before its first batch in this iteration
-        (the offset, and the ``start_batch`` given to ``set_epoch``)."""
+        """As ``ResumableSampler``'s, plus the samples an earlier run of this epoch used on
+        another number of ranks: iteration, length and batches per epoch follow from it."""
         offset = self.offset if self.offset_epoch == self.epoch else 0
-        return offset + self.start_batch * self.batch_size * self.num_replicas
-
-    def __iter__(self) -> Iterator[int]:
-        first = self.samples_done()
-        end = first + (self.dataset_size - first) // self.num_replicas * self.num_replicas
-        return iter(self.global_order(self.epoch)[first + self.rank:end:self.num_replicas])
-
-    def __len__(self) -> int:
-        return (self.dataset_size - self.samples_done()) // self.num_replicas
-
-    def batches_per_epoch(self, drop_last: bool = True) -> int:
-        """Batches of this rank in the current epoch, counted from the offset."""
-        offset = self.offset if self.offset_epoch == self.epoch else 0
-        share = (self.dataset_size - offset) // self.num_replicas
-        return share // self.batch_size if drop_last else -(-share // self.batch_size)
+        return offset + super().samples_done()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "offset": [self.offset_epoch, self.offset]}

@@ -556,7 +556,7 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
 
 def test_sampler_started_mid_epoch_yields_the_tail_of_the_full_order():
     sampler = cu.ResumableSampler(23, batch_size=4, seed=1)
-    full = sampler.epoch_order(5)
+    full = sampler.global_order(5)  # one rank: its order is the whole order
     for start_batch in (0, 1, 3, 5, 6):
         sampler.set_epoch(5, start_batch=start_batch)
         tail = list(sampler)
@@ -566,10 +566,10 @@ def test_sampler_started_mid_epoch_yields_the_tail_of_the_full_order():
 
 def test_sampler_order_differs_between_epochs_and_seeds():
     sampler = cu.ResumableSampler(40, batch_size=4, seed=0)
-    orders = [tuple(sampler.epoch_order(epoch)) for epoch in range(4)]
+    orders = [tuple(sampler.global_order(epoch)) for epoch in range(4)]
     assert len(set(orders)) == 4
     other_seed = cu.ResumableSampler(40, batch_size=4, seed=1)
-    assert tuple(other_seed.epoch_order(0)) != orders[0]
+    assert tuple(other_seed.global_order(0)) != orders[0]
 
 
 def test_sampler_without_shuffle_is_sequential():
@@ -640,12 +640,15 @@ def test_schedule_with_everything_off_never_fires():
 def test_sampler_splits_each_epoch_into_disjoint_equal_rank_shares():
     shares = [cu.ResumableSampler(103, batch_size=4, seed=5, rank=r, num_replicas=3)
               for r in range(3)]
-    orders = [s.epoch_order(2) for s in shares]
+    for share in shares:
+        share.set_epoch(2)
+    orders = [list(share) for share in shares]
     assert [len(o) for o in orders] == [34, 34, 34]
     assert len(set().union(*orders)) == 102  # disjoint; the 103rd index is left out
     assert shares[1].batches_per_epoch() == 8
     shares[1].set_epoch(2, start_batch=3)
     assert list(shares[1]) == orders[1][12:]
+    assert shares[1].batches_per_epoch() == 8  # counted from the epoch's start
 
 
 def test_kit_lines_show_when_the_program_configures_no_logging(tmp_path):

@@ -118,8 +118,8 @@ def restore_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- data order
 class ResumableSampler(torch.utils.data.Sampler):
-    """A shuffled index order fixed by (seed, epoch): ``set_epoch(epoch, start_batch)`` before each
-    epoch skips ``start_batch`` done batches. Rank r takes every num_replicas-th index from r."""
+    """One shuffled order per (seed, epoch); ``set_epoch(epoch, start_batch)`` skips done batches.
+    Each step takes the next batch_size * num_replicas indices, rank r every num_replicas-th."""
     def __init__(self, dataset_size: int, *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
         self.dataset_size, self.batch_size, self.seed = dataset_size, batch_size, seed
@@ -135,19 +135,20 @@ class ResumableSampler(torch.utils.data.Sampler):
         return (torch.randperm(self.dataset_size, generator=generator).tolist()
                 if self.shuffle else list(range(self.dataset_size)))
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """This rank's full order of indices for one epoch."""
-        usable = self.dataset_size - self.dataset_size % self.num_replicas  # equal shares
-        return self.global_order(epoch)[self.rank:usable:self.num_replicas]
+    def samples_done(self) -> int:
+        """Indices of this epoch's order that come before this rank's next batch (all ranks')."""
+        return self.start_batch * self.batch_size * self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_order(self.epoch)[self.start_batch * self.batch_size:])
+        first = self.samples_done()  # equal shares: a remainder under num_replicas is left out
+        end = first + (self.dataset_size - first) // self.num_replicas * self.num_replicas
+        return iter(self.global_order(self.epoch)[first + self.rank:end:self.num_replicas])
 
     def __len__(self) -> int:
-        return max(0, self.dataset_size // self.num_replicas - self.start_batch * self.batch_size)
+        return max(0, (self.dataset_size - self.samples_done()) // self.num_replicas)
 
     def batches_per_epoch(self, drop_last: bool = True) -> int:
-        share = self.dataset_size // self.num_replicas
+        share = len(self) + self.start_batch * self.batch_size  # this rank's, for the epoch
         return share // self.batch_size if drop_last else math.ceil(share / self.batch_size)
 
     def state_dict(self) -> dict:
@@ -175,10 +176,9 @@ class TrainingProgress:
     def finish_step(self, steps_per_epoch: int) -> bool:
         """Count one optimizer step; return True when it completed an epoch."""
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-        if self.batch_in_epoch < steps_per_epoch:
-            return False
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        return True
+        if finished := self.batch_in_epoch >= steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        return finished
 
 
 def capture_training_state(*, model: torch.nn.Module, progress: TrainingProgress,
@@ -420,8 +420,7 @@ def update_last_pointer(directory: Path, checkpoint_name: str) -> None:
 
 
 def _remove_checkpoint(info: CheckpointInfo) -> None:
-    # The marker goes first: a kill between the two unlinks leaves a file without marker,
-    # which is ignored, never a marker whose file is gone.
+    # Marker first: a kill in between leaves an ignored file, never a marker without one.
     marker_path(info.path).unlink(missing_ok=True)
     info.path.unlink(missing_ok=True)
 
