@@ -264,7 +264,10 @@ def verify_checkpoint_in_parallel(info: CheckpointInfo) -> None:
     if not info.chunks or size != info.size:
         verify_checkpoint(info)  # a sha256 marker, or the error for a missing or cut file
     else:
-        verify_chunks(info, checksums_in_parallel(info))
+        # Closed here, not by the garbage collector in whichever thread it next runs: a
+        # mismatch leaves the generator, and the pool it holds, unfinished.
+        with contextlib.closing(checksums_in_parallel(info)) as checksums:
+            verify_chunks(info, checksums)
 
 
 def load_verified_checkpoint_overlapped(info: CheckpointInfo) -> dict:
