@@ -16,7 +16,7 @@ import torch
 from checkpoint_utils import TrainingProgress, capture_training_state
 from compare_checkpoints import checkpoint_differences, state_differences
 from conftest import TEMPLATES, outside_slurm
-from distributed_utils import detect_launcher
+from distributed_utils import LOST_PEER_WORDING, detect_launcher
 from interrupted_run import Attempt, Interruption, run_once, run_ranks, run_until_finished
 from train_with_checkpoint import make_model_and_optimizer, parse_args
 
@@ -223,7 +223,8 @@ def test_a_rank_killed_leaves_the_others_one_line_and_exit_6(template, tmp_path)
     output = "\n".join(attempt.rank_output[0])
     assert attempt.exit_codes == [6, -signal.SIGKILL], output[-3000:]
     assert "rank 0: another rank is gone (its process was killed, or its node failed)" in output
-    assert "Connection reset by peer" in output and "Traceback" not in output
+    # gloo's words for it vary with the moment (reset by peer, closed by peer, broken pipe).
+    assert LOST_PEER_WORDING.search(output) and "Traceback" not in output, output[-3000:]
 
 
 @pytest.mark.parametrize("variables, expected", [
