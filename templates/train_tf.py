@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
     p.add_argument("--save-every-steps", type=int, default=100)
+    p.add_argument("--save-every-seconds", type=float, default=None,
+                   help="also save when this long has passed since the last save")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--emergency-save-timeout", type=float, default=60.0,
                    help="seconds an emergency save may take before the process exits anyway")
@@ -153,7 +155,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     manager.restore_latest()
     train_step = make_train_step(model, optimizer, noise)
 
-    started = time.monotonic()
+    started = last_save = time.monotonic()
     while int(step) < args.steps:
         inputs, labels = next(batches)
         loss = float(train_step(inputs, labels))
@@ -171,7 +173,11 @@ def train(args, preemption: PreemptionHandler) -> int:
             with EmergencyDeadline(args.emergency_save_timeout):
                 manager.save(done)
             exit_after_preemption(preemption, requeue=args.requeue)
-        manager.save(done, force=False)  # every --save-every-steps (checkpoint_interval)
+        time_due = (args.save_every_seconds is not None
+                    and time.monotonic() - last_save >= args.save_every_seconds)
+        # every --save-every-steps (checkpoint_interval), or on the clock
+        if manager.save(done, force=time_due) is not None:
+            last_save = time.monotonic()
     manager.save(int(step))  # the last checkpoint holds the final state
     # Finished: a signal from now on must not turn exit 0 into a kill.
     preemption.ignore_further_signals()

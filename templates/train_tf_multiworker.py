@@ -206,25 +206,30 @@ def train(args, strategy, worker: int, preemption: PreemptionHandler) -> int:
             os.makedirs(own_dir)
 
     @tf.function
-    def train_step(inputs, labels, stop_here):
-        def one_replica(inputs, labels, stop_here):
+    def train_step(inputs, labels, stop_here, clock_says_save):
+        def one_replica(inputs, labels, stop_here, clock_says_save):
             noise_seed = tf.stack([tf.constant(args.seed * 1000 + worker, tf.int64), step])
             inputs = inputs + 0.05 * tf.random.stateless_normal(tf.shape(inputs), seed=noise_seed)
             with tf.GradientTape() as tape:
                 loss = compute_loss(model, inputs, labels)
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            return loss, tf.cast(stop_here, tf.int64)
-        loss, stop = strategy.run(one_replica, args=(inputs, labels, stop_here))
+            return loss, tf.cast(stop_here, tf.int64), tf.cast(clock_says_save, tf.int64)
+        loss, stop, save = strategy.run(one_replica,
+                                        args=(inputs, labels, stop_here, clock_says_save))
         return (strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None),
-                strategy.reduce(SUM, stop, axis=None))
+                strategy.reduce(SUM, stop, axis=None), strategy.reduce(SUM, save, axis=None))
 
     batches = worker_batches(args, worker, workers, int(step))
     steps_per_epoch = DATASET_SIZE // (args.batch_size * workers)
-    started = time.monotonic()
+    started = last_save = time.monotonic()
     while int(step) < args.steps:
         inputs, labels = next(batches)
-        loss, stopping_workers = train_step(inputs, labels, tf.constant(preemption.requested))
+        # The chief's clock alone decides a timed save: every worker must save at one step.
+        clock_says_save = chief and args.save_every_seconds is not None and \
+            time.monotonic() - last_save >= args.save_every_seconds
+        loss, stopping_workers, timed_save = train_step(
+            inputs, labels, tf.constant(preemption.requested), tf.constant(clock_says_save))
         if args.simulate_step_seconds:
             time.sleep(args.simulate_step_seconds)
         step.assign_add(1)
@@ -241,8 +246,9 @@ def train(args, strategy, worker: int, preemption: PreemptionHandler) -> int:
             with EmergencyDeadline(args.emergency_save_timeout):
                 save(done)
             return agreed_exit_code(strategy, chief, preemption, requeue=args.requeue)
-        if done % args.save_every_steps == 0:
+        if done % args.save_every_steps == 0 or int(timed_save):
             save(done)
+            last_save = time.monotonic()
     save(int(step))
     preemption.ignore_further_signals()
     if chief:

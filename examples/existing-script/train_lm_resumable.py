@@ -19,6 +19,7 @@ improving, and the best model kept in a file of its own.
 import argparse
 import logging  # + checkpoint
 import math
+import os  # + checkpoint
 import random
 import signal  # + checkpoint
 import sys  # + checkpoint
@@ -160,6 +161,8 @@ def main(preemption):  # + checkpoint: the flag a stop signal sets
     # + checkpoint: the kit says what it does (saves, resumes) through logging
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(name)s] %(message)s")
     seed_every_generator(args.seed)  # + checkpoint: was torch.manual_seed(args.seed)
+    # + checkpoint: on a GPU, deterministic cuBLAS needs this before its first product
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)  # + checkpoint: the same run, bit for bit
     text = make_corpus(args.corpus_chars, args.seed)
     vocab = {char: i for i, char in enumerate(sorted(set(text)))}
