@@ -136,7 +136,7 @@ function options = parse_options(folder, varargin)
   parser.addParameter('keep', 3);
   parser.addParameter('keep_time', 2);
   parser.addParameter('log_every', 100);
-  parser.addParameter('stop_file', getenv('CKPT_STOP_FILE'));   % set by job.sbatch
+  parser.addParameter('stop_file', getenv('CKPT_STOP_FILE'));   % job.sbatch passes 'stop_file'
   parser.addParameter('result_file', '');
   parser.addParameter('step_seconds', 0);
   parser.parse(varargin{:});

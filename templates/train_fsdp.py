@@ -293,6 +293,11 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
     if resumed is not None:
         info, extra = resumed
         progress = restore_extra_state(extra, ctx, scheduler, sampler)
+        if scheduler.total_steps != args.steps:  # OneCycleLR cannot change its length
+            log.error("the checkpoint's learning-rate schedule was made for --steps %d, this "
+                      "run asks for %d: resume with --steps %d, or use another --ckpt-dir",
+                      scheduler.total_steps, args.steps, scheduler.total_steps)
+            sys.exit(2)
         saver.last_step = info.step  # the final save of a finished run is not repeated
 
     def save(kind: str) -> None:

@@ -8,8 +8,9 @@ resumed at epoch boundaries, it ends bitwise identical to a run never interrupte
 
 BackupAndRestore restores at epoch boundaries: the time of one epoch is what a preemption
 signal must leave (--signal=B:USR1@...), and the most a kill can cost. With long epochs,
-train on a part of the data per "epoch". Exit codes as in the other templates: 0 finished; 3 preempted and
-requeued; 75 preempted, backup saved, not requeued.
+train on a part of the data per "epoch". Exit codes: 0 finished; 3 preempted and
+requeued; 75 preempted, backup saved, not requeued; 143 stopped by SIGTERM (scancel),
+backup saved, never requeued.
 
 What the callbacks fix is explained in tf_checkpoint_utils.py (section "Keras fit"). To
 adapt it, change the three blocks marked "CHANGE ME". Needs TensorFlow and

@@ -6,9 +6,11 @@ however often it is interrupted and resumed.
     kill -USR1 <pid>      # saves at the end of the current step, requeues under Slurm
     python train_tf.py --ckpt-dir checkpoints --steps 600   # resumes
 
-Same flags, progress lines and exit codes as the PyTorch template: 0 finished; 3
-preempted, saved and requeued; 75 preempted and saved but not requeued; 4 the emergency
-save took longer than --emergency-save-timeout.
+The PyTorch template's progress lines and its main flags (--steps, --save-every-steps,
+--save-every-seconds, --keep, --emergency-save-timeout, --no-requeue, --log-every).
+Exit codes: 0 finished; 3 preempted, saved and requeued; 75 preempted and saved but not
+requeued; 143 stopped by SIGTERM (scancel) and saved, never requeued; 4 the emergency save
+took longer than --emergency-save-timeout.
 
 What a TensorFlow checkpoint must hold for a resume to be the same run: the model, the
 optimizer (its slots and ``iterations``, which drives the learning-rate schedule), the step,

@@ -134,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_nonfinite_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("non-finite losses (NaN/Inf; train_ddp.py ignores these)")
+    g = p.add_argument_group("non-finite losses (NaN/Inf; with nonfinite_guard.py beside)")
     g.add_argument("--max-bad-steps", type=int, default=3, metavar="N",
                    help="each NaN/Inf step is skipped; this many in a row roll back to the "
                         "newest step/epoch checkpoint (0: no guard; default: %(default)s)")
@@ -194,6 +194,19 @@ def make_model_and_optimizer(args, device):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
                                                     total_steps=args.steps)
     return model, optimizer, scheduler
+
+
+def check_schedule_length(scheduler, steps: int) -> None:
+    """Exit 2 with one line when the resumed schedule was built for another --steps:
+    OneCycleLR cannot change its length, and torch would only fail at the step past the
+    old end. (Drop this check with a schedule that does not end, or raise total_steps.)"""
+    planned = getattr(scheduler, "total_steps", steps)
+    if planned != steps:
+        logging.getLogger("train").error(
+            "the checkpoint's learning-rate schedule was made for --steps %d, and this run "
+            "asks for --steps %d: run with --steps %d to resume it, or start a new run in "
+            "another --ckpt-dir", planned, steps, planned)
+        sys.exit(2)
 
 
 # ----- CHANGE ME (3/3): your loss.
@@ -402,6 +415,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     if checkpoint is not None:
         progress = restore_training_state(checkpoint, model=model, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
+        check_schedule_length(scheduler, args.steps)
         if guard:
             guard.load_state_dict(checkpoint.get(nonfinite_guard.STATE_KEY))
         del checkpoint

@@ -62,8 +62,9 @@ GRADE_FROM_TOP_SHOWN = [
      "make grade EX=ex02"),
     (("exercises/ex03-preemption-handling/README.md", "docs/preemption.md"), "make grade EX=ex03"),
     (("exercises/ex04-auto-resume/README.md", "docs/auto-resume.md"), "make grade EX=ex04"),
-    (("r/exercises/ex01-basic-checkpoint/README.md", "docs/r.md"), "make grade EX=r-ex01"),
-    ("r/exercises/ex04-auto-resume/README.md", "make grade EX=r-ex04"),
+    (("r/exercises/ex01-basic-checkpoint/README.md", "docs/r.md", "r/README.md"),
+     "make grade EX=r-ex01"),
+    (("r/exercises/ex04-auto-resume/README.md", "r/README.md"), "make grade EX=r-ex04"),
     ("matlab/exercises/ex01-basic-checkpoint/README.md", "make grade EX=matlab-ex01"),
     ("matlab/exercises/ex04-auto-resume/README.md", "make grade EX=matlab-ex04"),
 ]
@@ -118,8 +119,8 @@ def test_grading_another_file_and_writing_json(shell, copy):
 def test_the_r_page_runs_interrupts_and_resumes(shell):
     shell.run(shown("docs/r.md", "mkdir -p ~/try-r && cp r/checkpoint.R r/example_mcmc.R "
                                  "r/job.sbatch ~/try-r && cd ~/try-r"))
-    output = shell.run(shown("docs/r.md", "Rscript example_mcmc.R --ckpt-dir "
-                                 "checkpoints --steps 2000 --save-every-steps 200"))
+    output = shell.run(shown(("docs/r.md", "r/README.md"), "Rscript example_mcmc.R --ckpt-dir "
+                             "checkpoints --steps 2000 --save-every-steps 200"))
     assert "2000" in output, output
     shell.run("rm -rf checkpoints")
     shell.run(shown("docs/r.md", 'R_ARGS="--steps 20000 --simulate-step-seconds 0.001" '
@@ -128,6 +129,17 @@ def test_the_r_page_runs_interrupts_and_resumes(shell):
     assert "R saved" in output, output
     output = shell.run(shown("docs/r.md", 'R_ARGS="--steps 20000" bash job.sbatch'))
     assert "resumed from preempt_" in output, output
+
+
+def test_the_r_readme_runs_the_example_twice_to_the_same_result(shell):
+    shell.run(shown("r/README.md", "cd r"))
+    command = shown(("r/README.md", "docs/r.md"), "Rscript example_mcmc.R --ckpt-dir checkpoints "
+                    "--steps 2000 --save-every-steps 200")
+    first = shell.run(command)
+    again = shell.run(command)
+    assert "resumed from step_00002000.rds" in again, again
+    digests = [re.search(r"sha256 ([0-9a-f]{16,})", output)[1] for output in (first, again)]
+    assert digests[0] == digests[1], (first, again)
 
 
 def test_the_r_kit_unit_tests_run_as_the_page_shows(shell):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,31 @@ def test_reference_solution_gets_full_marks(exercise, tmp_path):
     assert result["earned"] == result["possible"], run.stdout
     assert run.returncode == 0
     assert run.stdout.strip().endswith(f"score: {result['possible']}/{result['possible']}")
+
+
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+TOPIC_PAGES = {"ex01": "docs/basic-checkpointing.md", "ex02": "docs/distributed-checkpointing.md",
+               "ex03": "docs/preemption.md", "ex04": "docs/auto-resume.md"}
+COUNTED = re.compile(r"\b(%s) functions" % "|".join(NUMBER_WORDS))
+
+
+def pages_that_count_functions(exercise: dict) -> list[Path]:
+    pages = [exercise["folder"] / "README.md"]
+    if exercise["name"] in TOPIC_PAGES:
+        pages.append(REPO / TOPIC_PAGES[exercise["name"]])
+    return [page for page in pages if page.exists() and COUNTED.search(page.read_text())]
+
+
+@pytest.mark.parametrize("exercise", [ex for ex in EXERCISES if pages_that_count_functions(ex)],
+                         ids=exercise_id)
+def test_the_pages_count_the_functions_to_write(exercise):
+    """"Seven functions" in a README or the topic page is the number the starter leaves
+    to write, as exercise.toml lists them."""
+    to_write = sum(len(task["functions"]) for task in exercise["tasks"])
+    for page in pages_that_count_functions(exercise):
+        said = [NUMBER_WORDS.index(word) for word in COUNTED.findall(page.read_text())]
+        assert said == [to_write] * len(said), (
+            f"{page.relative_to(REPO)} says {said} functions; the starter has {to_write}")
 
 
 def task_sources(kit, exercise: dict) -> dict[int, list[str]]:

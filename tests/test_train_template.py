@@ -69,6 +69,23 @@ def test_without_scontrol_exits_75_for_the_batch_script(tmp_path, python_exe):
     assert (tmp_path / "last.pt").exists()
 
 
+def test_resuming_with_more_steps_says_why_it_cannot(tmp_path, python_exe):
+    """OneCycleLR is built for --steps; a resume that asks for more would fail at the step
+    past the old end with torch's traceback. It stops at once with one line instead, and
+    the checkpoints stay as they were."""
+    finished = subprocess.run(command(python_exe, tmp_path, steps=4), env=outside_slurm(),
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    saved = sorted(path.name for path in tmp_path.iterdir())
+    longer = subprocess.run(command(python_exe, tmp_path, steps=6), env=outside_slurm(),
+                            capture_output=True, text=True, timeout=120)
+    output = longer.stdout + longer.stderr
+    assert longer.returncode == 2, output
+    assert "made for --steps 4, and this run asks for --steps 6" in output, output
+    assert "Traceback" not in output and "step 5/6" not in output, output
+    assert sorted(path.name for path in tmp_path.iterdir()) == saved
+
+
 def test_job_id_with_shell_metacharacters_is_refused(fake_scontrol, tmp_path, python_exe):
     bin_dir, record = fake_scontrol
     sentinel = tmp_path / "pwned"

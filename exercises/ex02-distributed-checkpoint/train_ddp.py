@@ -25,11 +25,12 @@ What DDP changes, and how this file deals with it:
 
 Exit codes, the same on every rank: 0 finished; 3 preempted, saved and requeued (rank 0
 runs scontrol); 75 preempted and saved but not requeued; 143 stopped by SIGTERM (scancel)
-and saved, never requeued; 4 the emergency save took longer
-than --emergency-save-timeout. 6 (on the ranks still alive) a rank made no progress for
---peer-timeout seconds; 7 the checkpoint folder cannot hold the checkpoints (every rank
-checks it before training). The NaN/Inf guard of train_with_checkpoint.py is not used
-here. --batch-size is per rank. Needs PyTorch and, beside this file, checkpoint_utils.py,
+and saved, never requeued; 4 the emergency save took longer than
+--emergency-save-timeout; 5 the NaN/Inf guard gave up (with nonfinite_guard.py beside this
+file, a NaN on any rank makes every rank skip, roll back or stop together); 6 (on the
+ranks still alive) a rank made no progress for --peer-timeout seconds; 7 the checkpoint
+folder cannot hold the checkpoints (every rank checks it before training). --batch-size
+is per rank. Needs PyTorch and, beside this file, checkpoint_utils.py,
 distributed_utils.py, train_with_checkpoint.py and the files it needs.
 """
 
@@ -98,6 +99,7 @@ from storage_check import (  # noqa: E402
 # data. (For a file that stands alone, paste them here, with ProgressLine and parse_args.)
 from train_with_checkpoint import (  # noqa: E402
     ProgressLine,
+    check_schedule_length,
     compute_loss,
     make_dataset,
     make_guard,
@@ -474,6 +476,7 @@ def build_run(args, ctx: DistributedContext) -> DDPRun:
     if checkpoint is not None:
         progress = restore_training_state(checkpoint, model=model.module, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, sampler=sampler)
+        check_schedule_length(scheduler, args.steps)
         sampler.resume_position(checkpoint["sampler"], progress)
         if guard is not None:
             guard.load_state_dict((checkpoint["extra"] or {}).get(nonfinite_guard.STATE_KEY))
