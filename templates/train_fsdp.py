@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-requeue", dest="requeue", action="store_false",
                    help="after a preemption, exit 75 instead of running scontrol requeue")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--simulate-step-seconds", type=float, default=0.0,
+                   help="pause after each step, to imitate a slower model in demos and tests")
     return p.parse_args(argv)
 
 
@@ -316,6 +318,7 @@ def train(args, ctx: DistributedContext, preemption: PreemptionHandler) -> int:
         for inputs, targets in loader:
             inputs, targets = augment(inputs).to(device), targets.to(device)
             loss = train_step(model, optimizer, scheduler, inputs, targets)
+            time.sleep(args.simulate_step_seconds)
 
             # The step is complete on this rank: only now may the state be saved.
             epoch_finished = progress.finish_step(steps_per_epoch)

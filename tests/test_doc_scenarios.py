@@ -272,3 +272,30 @@ def test_the_auto_resume_page_resumes_after_a_kill(shell):
     assert code == 128 + signal.SIGKILL
     output = shell.run(shown("docs/auto-resume.md", AUTO_RESUME_RUN))
     assert "resumed from step_" in output and "step 600/600" in output, output
+
+
+# ------------------------------------------------- two ranks under torchrun, by hand
+DISTRIBUTED = "docs/distributed-checkpointing.md"
+DDP_RUN = (".venv/bin/torchrun --standalone --nproc-per-node 2 templates/train_ddp.py "
+           "--ckpt-dir out/try-ddp --steps 600 --simulate-step-seconds 0.05")
+FSDP_RUN = (".venv/bin/torchrun --standalone --nproc-per-node 2 templates/train_fsdp.py "
+            "--ckpt-dir out/try-fsdp --steps 600 --simulate-step-seconds 0.05")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("command, saved", [(DDP_RUN, r"saved preempt_\d+\.pt"),
+                                            (FSDP_RUN, r"saved step_\d+")], ids=["ddp", "fsdp"])
+def test_the_distributed_page_signals_a_rank_and_resumes(command, saved, shell):
+    """USR1 to one rank (a child of torchrun): both ranks stop after the same step, rank
+    0 saves, both exit 75 (torchrun itself reports it and exits 1); run again, resumed."""
+    shell.start(shown(DISTRIBUTED, command))
+    shell.wait_for(r"^step \d+/600")
+    ranks = subprocess.run(["pgrep", "-P", str(shell.foreground_pid())], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) >= 2, ranks
+    kill = shown(DISTRIBUTED, "kill -USR1 <pid of a rank>")
+    subprocess.run(["bash", "-c", kill.replace("<pid of a rank>", ranks[-1])], check=True)
+    code, output = shell.finish(timeout=120)
+    assert code == 1 and re.search(saved, output) and "exitcode  : 75" in output, output
+    output = shell.run(shown(DISTRIBUTED, command), timeout=180)
+    assert "resumed from" in output and "step 600/600" in output, output[-3000:]
