@@ -15,15 +15,25 @@ from doc_commands import REPO, all_shown_commands
 TESTS = Path(__file__).resolve().parent
 
 
+def constant_value(node: ast.AST, known: dict[str, object]) -> object:
+    """A literal, or a tuple or list of literals and names of module constants."""
+    if isinstance(node, ast.Name):
+        return known[node.id]
+    if isinstance(node, (ast.Tuple, ast.List)):
+        items = [constant_value(item, known) for item in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    return ast.literal_eval(node)
+
+
 def module_strings(tree: ast.Module) -> dict[str, object]:
-    """Module-level NAME = "text" or ("a", "b") assignments."""
-    values = {}
+    """Module-level NAME = "text", ("a", "b") or [(PAGE, COMMAND), ...] assignments."""
+    values: dict[str, object] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and \
                 isinstance(node.targets[0], ast.Name):
             try:
-                values[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
+                values[node.targets[0].id] = constant_value(node.value, values)
+            except (KeyError, ValueError):
                 pass
     return values
 

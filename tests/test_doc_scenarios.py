@@ -282,13 +282,16 @@ FSDP_RUN = (".venv/bin/torchrun --standalone --nproc-per-node 2 templates/train_
             "--ckpt-dir out/try-fsdp --steps 600 --simulate-step-seconds 0.05")
 
 
+TORCHRUN_SHOWN = [(DISTRIBUTED, DDP_RUN, r"saved preempt_\d+\.pt"),
+                  (DISTRIBUTED, FSDP_RUN, r"saved step_\d+")]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("command, saved", [(DDP_RUN, r"saved preempt_\d+\.pt"),
-                                            (FSDP_RUN, r"saved step_\d+")], ids=["ddp", "fsdp"])
-def test_the_distributed_page_signals_a_rank_and_resumes(command, saved, shell):
+@pytest.mark.parametrize("page, command, saved", TORCHRUN_SHOWN, ids=["ddp", "fsdp"])
+def test_the_distributed_page_signals_a_rank_and_resumes(page, command, saved, shell):
     """USR1 to one rank (a child of torchrun): both ranks stop after the same step, rank
     0 saves, both exit 75 (torchrun itself reports it and exits 1); run again, resumed."""
-    shell.start(shown(DISTRIBUTED, command))
+    shell.start(shown(page, command))
     shell.wait_for(r"^step \d+/600")
     ranks = subprocess.run(["pgrep", "-P", str(shell.foreground_pid())], capture_output=True,
                            text=True).stdout.split()
@@ -297,5 +300,5 @@ def test_the_distributed_page_signals_a_rank_and_resumes(command, saved, shell):
     subprocess.run(["bash", "-c", kill.replace("<pid of a rank>", ranks[-1])], check=True)
     code, output = shell.finish(timeout=120)
     assert code == 1 and re.search(saved, output) and "exitcode  : 75" in output, output
-    output = shell.run(shown(DISTRIBUTED, command), timeout=180)
+    output = shell.run(shown(page, command), timeout=180)
     assert "resumed from" in output and "step 600/600" in output, output[-3000:]
