@@ -130,12 +130,15 @@ def copy_of_repository(target: Path) -> Path:
 
 
 def reader_environment(home: Path) -> dict:
-    """A reader's shell after `make setup` and `source .venv/bin/activate`: no Slurm job
-    around it, no variables of the make or pytest running this test."""
+    """A reader's shell after `make setup`: no Slurm job around it, no variables of the
+    make, pytest or virtual environment running this test (the shell activates it as
+    docs/setup.md says)."""
     home.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
-           and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHONPATH")}
-    return {**env, "HOME": str(home), "PATH": f"{REPO / '.venv' / 'bin'}:{env['PATH']}"}
+           and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHONPATH", "VIRTUAL_ENV")}
+    venv_bin = str(REPO / ".venv" / "bin")
+    path = [folder for folder in env["PATH"].split(os.pathsep) if folder != venv_bin]
+    return {**env, "HOME": str(home), "PATH": os.pathsep.join(path)}
 
 
 class Shell:

@@ -29,6 +29,7 @@ def copy(tmp_path) -> Path:
 @pytest.fixture
 def shell(copy, tmp_path):
     terminal = Shell(copy, reader_environment(tmp_path / "home"))
+    terminal.run(shown("docs/setup.md", "source .venv/bin/activate"))
     yield terminal
     terminal.close()
 

@@ -4,6 +4,7 @@ with the batch files' defaults. A job that would train for minutes is cancelled 
 has shown what the page promises."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -24,11 +25,12 @@ def terminal(tmp_path_factory):
     copy = copy_of_repository(root / "repository")
     # `make setup` installed Slurm before any test started; two installers would collide.
     shell = Shell(copy, {**reader_environment(root / "home"), "LOCAL_SLURM_INSTALL": "no"})
+    shell.run(shown("docs/setup.md", "source .venv/bin/activate"))
     shell.run(shown("docs/setup.md", "scripts/local-slurm up"))
     shell.run(shown("docs/setup.md", 'eval "$(scripts/local-slurm env)"'))
     assert "debug" in shell.run(shown("docs/setup.md", "sinfo"))
     yield shell, copy, SlurmCluster({"SLURM_CONF": str(copy / "out/slurm/slurm.conf"),
-                                     "PATH": reader_environment(root / "home")["PATH"]})
+                                     "PATH": os.environ["PATH"]})
     shell.run(f"cd {copy} && scripts/local-slurm down", code=None)
     shell.close()
 
