@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
-from make_starters import LANGUAGES, find_function, load_exercise
+from make_starters import LANGUAGES, find_function, function_file, function_source, load_exercise
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
@@ -266,6 +266,32 @@ def _task_kit_files() -> dict:
     return {}
 
 
+def task_functions_written(folder: Path, number: int) -> list[str]:
+    """The functions of task ``number`` of the exercise in ``folder``; NotImplementedError
+    when the learner's file still has every one of them as the starter has it."""
+    exercise = load_exercise(folder)
+    functions = next(t["functions"] for t in exercise["tasks"] if t["number"] == number)
+    if still_the_starter(exercise, functions):
+        raise NotImplementedError(f"{', '.join(functions)} still as in the starter "
+                                  "(see README.md)")
+    return functions
+
+
+def still_the_starter(exercise: dict, functions: Sequence[str]) -> bool:
+    """Whether every one of ``functions`` in the learner's file is the starter's stub,
+    character for character. Its checks could only fail, so none is run: an untouched
+    starter is graded in seconds."""
+    language, mine = exercise["language"], Path(os.environ["GRADE_FILE"])
+    starter = exercise["folder"] / exercise["starter"]
+    try:
+        return all(function_source(function_file(mine, name, language).read_text(), name,
+                                   language)
+                   == function_source(function_file(starter, name, language).read_text(),
+                                      name, language) for name in functions)
+    except (LookupError, OSError, StopIteration, SyntaxError):
+        return False  # a function missing or unreadable: the checks say what is wrong
+
+
 @pytest.fixture
 def task_kit_file(request, tmp_path_factory, _task_kit_files) -> Path:
     """The path of the kit a check of task N runs (N from its ``task`` marker), in any
@@ -273,9 +299,8 @@ def task_kit_file(request, tmp_path_factory, _task_kit_files) -> Path:
     exercise.toml lists them, beside the GRADE_WITH files. For a MATLAB exercise the kit
     is a folder, and this is that folder."""
     number = request.node.get_closest_marker("task").args[0]
+    functions = task_functions_written(request.path.parent, number)
     if number not in _task_kit_files:
-        tasks = load_exercise(request.path.parent)["tasks"]
-        functions = next(t["functions"] for t in tasks if t["number"] == number)
         _task_kit_files[number] = write_hybrid_kit(
             tmp_path_factory.mktemp(f"task{number}-kit"), functions)
     return _task_kit_files[number]

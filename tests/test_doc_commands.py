@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import signal
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,26 @@ def test_every_flag_a_command_passes_exists(command):
     for program, flags in python_programs(command.text):
         unknown = sorted(set(flags) - program_flags(program))
         assert not unknown, f"{program.name} has no {unknown}: `{command.text}`"
+
+
+# ------------------------------------------------------------ the one exit-code table
+EXIT_ROW = re.compile(r"^\| (\d+) \| `(EXIT_\w+)` \|", re.MULTILINE)
+EXIT_CONSTANT = re.compile(r"^(EXIT_\w+) = (128 \+ signal\.(SIG\w+)|\d+)", re.MULTILINE)
+
+
+def exit_constants() -> dict[str, int]:
+    """Every EXIT_NAME = code of the Python kits."""
+    found = {}
+    for path in (REPO / "templates").glob("*.py"):
+        for name, value, signal_name in EXIT_CONSTANT.findall(path.read_text()):
+            code = 128 + getattr(signal, signal_name) if signal_name else int(value)
+            assert found.setdefault(name, code) == code, f"{name} differs in {path.name}"
+    return found
+
+
+def test_the_exit_code_table_names_every_code_of_the_kits():
+    """docs/rules.md holds the one table of exit codes; the other pages link to it."""
+    table = {name: int(code) for code, name in
+             EXIT_ROW.findall((REPO / "docs" / "rules.md").read_text())}
+    assert table == exit_constants(), (
+        "docs/rules.md's exit-code table and the EXIT_* constants of templates/ differ")

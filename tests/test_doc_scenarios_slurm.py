@@ -115,3 +115,16 @@ def test_the_matlab_job_under_octave(terminal):
         shown(("docs/matlab.md", "matlab/README.md"),
               'MATLAB_CMD="octave-cli --no-history --eval" sbatch job.sbatch'),
         r"^\s*step 200/200000")
+
+
+def test_the_r_job_is_signalled_requeued_and_resumed(terminal):
+    shell, copy, cluster = terminal
+    shell.run(f"cd {copy}")
+    shell.run(shown("r/README.md", "cd r"))
+    job = submit(shell, shown("r/README.md", 'R_ARGS="--steps 20000 --save-every-steps 2000 '
+                                             '--simulate-step-seconds 0.001" sbatch job.sbatch'))
+    wait_for_text(cluster, job, r"saved step_\d+\.rds")
+    shell.run(shown("r/README.md", "scancel --batch --signal=USR1 <jobid>").replace("<jobid>", job))
+    text = wait_for_text(cluster, job, r"resumed from preempt_\d+\.rds")
+    shell.run(f"scancel {job}; cd {copy}")
+    assert "requeue" in text and "Error" not in text, text

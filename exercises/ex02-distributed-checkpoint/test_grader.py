@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from compare_checkpoints import checkpoint_differences
-from grading import TEMPLATES, content_key, reference_run_folder, write_hybrid_kit
+from grading import (TEMPLATES, content_key, reference_run_folder, task_functions_written,
+                     write_hybrid_kit)
 from interrupted_run import free_port
 from make_starters import load_exercise
 
@@ -335,8 +336,9 @@ def scenario(request, tmp_path_factory) -> Scenario:
     """This task's kit, interrupted and resumed, shared by the task's checks. Tasks whose
     kits have the same content (the reference's, for one) share one run."""
     number = request.node.get_closest_marker("task").args[0]
+    functions = task_functions_written(request.path.parent, number)
     folder = tmp_path_factory.mktemp(f"task{number}")
-    kit = write_hybrid_kit(folder / "kit", TASKS[number]["functions"]).parent
+    kit = write_hybrid_kit(folder / "kit", functions).parent
     (kit / "grader_probe.py").write_text(PROBE)
     corrupt_newest = number == 3
     key = content_key(*sorted(kit.glob("*.py")), str(corrupt_newest))
