@@ -4,12 +4,18 @@ function [path, info] = ckpt_find_latest_valid(folder)
 %   path is '' and info [] when there is none (a fresh start). Newer checkpoints that fail
 %   verification, or hold more than data (ckpt_check_plain_mat), are skipped with a printed
 %   line that says why; files without a marker are not candidates at all. It never raises
-%   for a damaged file.
+%   for a damaged or unreadable file, and changes nothing on disk (ckpt_load_latest moves
+%   what it skips to corrupt/).
   path = '';
   info = [];
   candidates = ckpt_list(folder);
   for index = numel(candidates):-1:1
-    [ok, reason] = ckpt_verify(candidates(index).path);
+    try
+      [ok, reason] = ckpt_verify(candidates(index).path);
+    catch failure  % the file cannot be opened: permissions, an I/O error
+      ok = false;
+      reason = sprintf('%s: cannot be read (%s)', candidates(index).name, failure.message);
+    end
     if ~ok
       ckpt_print('skipped corrupt checkpoint: %s\n', reason);
       continue;

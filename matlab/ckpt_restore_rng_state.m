@@ -2,11 +2,16 @@ function ckpt_restore_rng_state(state)
 %CKPT_RESTORE_RNG_STATE  Put back the random number generators saved by ckpt_rng_state,
 %   so a resumed run draws exactly the numbers the uninterrupted run would have drawn.
 %   ckpt_restore_rng_state(checkpoint.rng)
+%   Call it after everything the program draws before its loop (data it simulates, initial
+%   values): those draws would move the restored generators on.
   rng(state.rng);
   if exist('OCTAVE_VERSION', 'builtin') && isfield(state.octave_extra, 'rande')
     rande('state', state.octave_extra.rande);
     randg('state', state.octave_extra.randg);
     randp('state', state.octave_extra.randp);
+  end
+  if isfield(state.octave_extra, 'legacy_seed')
+    rand('seed', state.octave_extra.legacy_seed);  % last: a 'state' above switches it off
   end
 end
 

@@ -30,7 +30,10 @@ function exit_code = example_simulation(folder, varargin)
 %
 %   What to change (marked CHANGE ME below): new_state (your initial state),
 %   advance (one step of your computation), result_text (what you keep at the end), and
-%   the options. Everything that a step changes must be in `state`.
+%   the options. Nothing else reads your fields: everything that a step changes must be
+%   in `state`, and the loop itself uses state.step only.
+%   The name of the file and of the function is yours too; job.sbatch runs any function
+%   written as exit_code = f(folder, 'stop_file', stop_file, name, value, ...): set PROGRAM.
 %
 %   Returns 0 when finished, 75 when stopped on request (see ckpt_exit_codes).
   options = parse_options(folder, varargin{:});
@@ -44,10 +47,9 @@ function exit_code = example_simulation(folder, varargin)
   ckpt_remove_unfinished(options.folder);
   [checkpoint, info] = ckpt_load_latest(options.folder);
   if isempty(checkpoint)
-    rng(options.seed, 'twister');
+    ckpt_seed_rng(options.seed);   % before the first draw; rande, randg, randp too
     state = new_state(options);
-    ckpt_print('starting fresh: %d steps, %d walkers, seed %d\n', ...
-               options.steps, options.walkers, options.seed);
+    ckpt_print('starting fresh: %d steps, seed %d\n', options.steps, options.seed);
   else
     state = checkpoint.state;
     ckpt_restore_rng_state(checkpoint.rng);
@@ -73,8 +75,7 @@ function exit_code = example_simulation(folder, varargin)
       since_save = tic();
     end
     if mod(state.step, options.log_every) == 0
-      ckpt_print('step %d/%d  crossed %.1f%%\n', state.step, options.steps, ...
-                 100 * mean(state.first_passage > 0));
+      ckpt_print('step %d/%d\n', state.step, options.steps);   % names no field of yours
     end
     if options.step_seconds > 0
       pause(options.step_seconds);   % only to make the tests' signals land mid-run
@@ -91,15 +92,17 @@ end
 
 % ----------------------------------------------------------------- the computation
 function state = new_state(options)
-  % CHANGE ME: everything your computation carries from one step to the next.
+  % CHANGE ME: everything your computation carries from one step to the next. Keep
+  % state.step, the loop's count of the steps done.
   state.step = 0;
   state.position = zeros(options.walkers, 1);
   state.first_passage = zeros(options.walkers, 1);   % 0: has not crossed yet
 end
 
 function state = advance(state, options)
-  % CHANGE ME: one step of your computation. Draw random numbers only from the global
-  % generator (rand, randn, randi, randperm), whose state is in every checkpoint.
+  % CHANGE ME: one step of your computation, state.step + 1 included. Draw random numbers
+  % only from the global generators (rand, randn, randi, randperm; in Octave also rande,
+  % randg, randp), whose states are in every checkpoint.
   state.step = state.step + 1;
   state.position = state.position + randn(options.walkers, 1);
   crossed_now = state.first_passage == 0 & abs(state.position) >= options.barrier;

@@ -84,7 +84,7 @@ def test_the_guide_includes_code_that_exists():
     assert len(includes) >= 4
     for relative, options in includes:
         source = (REPO / "docs" / relative).resolve()
-        assert source.parent == MATLAB_DIR and source.exists(), relative
+        assert source.parent in (MATLAB_DIR, MATLAB_DIR / "examples") and source.exists(), relative
         text = source.read_text()
         cuts = {option: re.sub(r'^"(.*)"$', r"\1", value) for option, value
                 in re.findall(r"^:([\w-]+): (.*)$", options, re.MULTILINE)}
@@ -170,8 +170,13 @@ def test_resume_skips_every_damaged_newer_checkpoint_with_a_line(octave, tmp_pat
     assert re.search(r"skipped corrupt checkpoint: step_00000005.mat: \d+ bytes on disk", output)
     assert ("skipped corrupt checkpoint: step_00000004.mat: sha256 does not match"
             in output)
-    # no readable marker: never a candidate, so no line either (cleaned up at start-up)
-    assert "step_00000003.mat" not in output and "step_00000002.mat" not in output
+    assert "skipped corrupt checkpoint: step_00000003.mat: unreadable completion marker" in output
+    # no marker at all: a save that did not finish, removed at start-up, so no line
+    assert "step_00000002.mat" not in output
+    # what was skipped is kept in corrupt/, with its marker, and nothing else is
+    assert sorted(p.name for p in (folder / "corrupt").iterdir()) == [
+        f"step_0000000{step}.mat{suffix}" for step in (3, 4, 5) for suffix in ("", ".json")]
+    assert (folder / "last.txt").read_text() == "step_00000001.mat\n"
 
 
 def test_a_rewritten_checkpoint_that_runs_code_is_skipped_as_unsafe(octave, tmp_path):
@@ -303,6 +308,54 @@ def test_job_sbatch_maps_exit_codes_and_requeues(matlab_exit, job_id, scontrol, 
     requeued = (tmp_path / "scontrol-args")
     assert (requeued.read_text() if requeued.exists() else None) == (
         "requeue 4242\n" if expected_exit == 3 or scontrol == "broken" else None)
+    assert not (tmp_path / "pwned").exists()
+
+
+def job_with_fake_matlab(tmp_path: Path, matlab_body: str, **env: str):
+    """bash job.sbatch with a stand-in for MATLAB that runs matlab_body; (exit code,
+    output, the MATLAB code it was given or None when it was not started)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("rm", "touch", "date", "hostname", "sleep"):
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    given = tmp_path / "matlab-code"
+    given.unlink(missing_ok=True)
+    matlab = fake_command(tmp_path / "fake-matlab", f'printf "%s" "$1" > {given}\n{matlab_body}')
+    result = subprocess.run(["/bin/bash", str(MATLAB_DIR / "job.sbatch")], cwd=tmp_path,
+                            env={"PATH": str(bin_dir), "MATLAB_CMD": str(matlab),
+                                 "HOME": str(tmp_path), "STOP_FILE": str(tmp_path / "flag"),
+                                 **env},
+                            capture_output=True, text=True, timeout=60)
+    return (result.returncode, result.stdout + result.stderr,
+            given.read_text() if given.exists() else None)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "exit(example_simulation('checkpoints', 'stop_file', 'FLAG', 'steps', 200000, "
+         "'save_every_steps', 20000, 'save_every_seconds', 600))"),
+    ({"RUN_ARGS": ""}, "exit(example_simulation('checkpoints', 'stop_file', 'FLAG'))"),
+    ({"PROGRAM": "particle_filter_resumable"},
+     "exit(particle_filter_resumable('checkpoints', 'stop_file', 'FLAG'))"),
+    ({"PROGRAM": "my_run", "RUN_ARGS": "'steps', 5", "CKPT_DIR": "/scratch/c"},
+     "exit(my_run('/scratch/c', 'stop_file', 'FLAG', 'steps', 5))"),
+])
+def test_job_sbatch_runs_the_function_program_names(env, expected, tmp_path):
+    """PROGRAM picks the function; the example's default arguments go to the example only,
+    and RUN_ARGS="" clears them."""
+    code, output, given = job_with_fake_matlab(tmp_path, "exit 0", **env)
+    assert code == 0 and f"program: {env.get('PROGRAM', 'example_simulation')}" in output, output
+    assert given == expected.replace("FLAG", str(tmp_path / "flag"))
+
+
+@pytest.mark.parametrize("program", ["my_run.m", "x); system('touch pwned'", "2nd_try", ""])
+def test_job_sbatch_refuses_a_program_that_is_not_a_function_name(program, tmp_path):
+    code, output, given = job_with_fake_matlab(tmp_path, "exit 0", PROGRAM=program)
+    if program == "":  # empty means the default, as for the other variables
+        assert code == 0 and given.startswith("exit(example_simulation("), output
+        return
+    assert code == 2 and given is None, output
+    assert f"== PROGRAM must be the name of a MATLAB function (letters, digits, _), not '{program}'" in output
     assert not (tmp_path / "pwned").exists()
 
 

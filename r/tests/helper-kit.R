@@ -29,3 +29,11 @@ cut_in_half <- function(path) {
   bytes <- readBin(path, "raw", file.size(path))
   writeBin(bytes[seq_len(length(bytes) %/% 2)], path)
 }
+
+# What a new R process starts with: no seed yet, and a kit that has resumed nothing.
+new_process <- function() {
+  if (exists(".Random.seed", envir = globalenv(), inherits = FALSE)) {
+    rm(".Random.seed", envir = globalenv())
+  }
+  rm(list = ls(checkpoint_session, all.names = TRUE), envir = checkpoint_session)
+}

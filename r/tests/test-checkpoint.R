@@ -199,6 +199,54 @@ test_that("load_latest_checkpoint with quarantine = FALSE changes nothing on dis
   expect_identical(list.files(folder, recursive = TRUE), before)
 })
 
+# ------------------------------------------------------------------ damage never ends a job
+# Each damage done to the newest of three checkpoints: the resume must name it in one line,
+# move it to corrupt/, and go on from the one before.
+set_marker <- function(path, ...) {
+  meta <- jsonlite::fromJSON(marker_path(path))
+  meta[names(list(...))] <- list(...)
+  writeLines(jsonlite::toJSON(meta, auto_unbox = TRUE, digits = NA), marker_path(path))
+}
+
+DAMAGE <- list(
+  "unreadable marker" = list(
+    function(path) writeLines("{not json", marker_path(path)), "unreadable completion marker"),
+  "empty marker" = list(
+    function(path) writeBin(raw(), marker_path(path)), "unreadable completion marker"),
+  "marker with a step that is not a number" = list(
+    function(path) set_marker(path, step = "last"), "has a malformed step"),
+  "marker with a size that is not a number" = list(
+    function(path) set_marker(path, size = list(bytes = 12)), "has a malformed size"),
+  "marker whose sha256 does not match" = list(
+    function(path) set_marker(path, sha256 = strrep("0", 64)), "sha256 does not match"),
+  "garbage whose marker matches" = list(
+    function(path) rewrite_with_marker(path, as.raw(c(0x1f, 0x8b, 1:200))), "step_00000300.rds: "),
+  "garbage that looks like saveRDS, marker matching" = list(
+    function(path) rewrite_with_marker(path, c(charToRaw("X\n"), writeBin(
+      c(2L, 262402L, 131840L, 16L, -5L), raw(), endian = "big"))), "a negative length"),
+  "marker whose checkpoint is gone" = list(
+    function(path) unlink(path), "file is missing"))
+
+for (damage in names(DAMAGE)) {
+  test_that(paste("a", damage, "is skipped in one line and moved to corrupt/"), {
+    withr::local_options(checkpoint.fsync = FALSE)  # a temp folder: no power cut to survive
+    folder <- new_folder()
+    paths <- save_steps(folder, c(100, 200, 300))
+    DAMAGE[[damage]][[1]](paths[3])
+    messages <- capture_messages(state <- load_latest_checkpoint(folder))
+    expect_identical(state$step, 200)
+    skipped <- grep("skipped", messages, value = TRUE)
+    expect_length(skipped, 1)
+    expect_match(skipped, "skipped corrupt checkpoint: step_00000300.rds", fixed = TRUE)
+    expect_match(skipped, DAMAGE[[damage]][[2]], fixed = TRUE)
+    expect_false(grepl("\n.", skipped))
+    expect_true(file.exists(file.path(folder, "corrupt", "step_00000300.rds.json")))
+    expect_false(any(file.exists(c(paths[3], marker_path(paths[3])))))
+    again <- capture_messages(load_latest_checkpoint(folder))  # and it is gone for good
+    expect_identical(grep("skipped", again, value = TRUE), character())
+  })
+}
+
 # ------------------------------------------------------------------ unfinished saves
 test_that("temp files and marker-less checkpoints are ignored, then cleaned up", {
   folder <- new_folder()
