@@ -303,3 +303,19 @@ def test_the_distributed_page_signals_a_rank_and_resumes(page, command, saved, s
     assert code == 1 and re.search(saved, output) and "exitcode  : 75" in output, output
     output = shell.run(shown(page, command), timeout=180)
     assert "resumed from" in output and "step 600/600" in output, output[-3000:]
+
+
+# ------------------------------------------------------------- the script you already have
+OWN = "docs/your-own-script.md"
+
+
+def test_your_own_script_page_diffs_copies_interrupts_and_resumes(shell):
+    shell.run(shown(OWN, "cd examples/existing-script"))
+    diff = shell.run(shown(OWN, "diff train_lm.py train_lm_resumable.py"), code=1)
+    assert "# + checkpoint" in diff, diff
+    shell.run(shown(OWN, "cp ../../templates/checkpoint_utils.py ."))
+    output = shell.run(shown(OWN, "python train_lm_resumable.py --epochs 60 & sleep 5; "
+                                  "kill -USR1 $!; wait $!"), code=75)
+    assert re.search(r"saved preempt_\d+\.pt", output), output
+    output = shell.run(shown(OWN, "python train_lm_resumable.py --epochs 60"))
+    assert "resumed from preempt_" in output and "finished" in output, output[-2000:]
