@@ -4,33 +4,25 @@ requeued and resumed on the other node. A job that would go on for minutes is ca
 once it has shown what the page promises."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from doc_commands import Shell, copy_of_repository, reader_environment, shown
+from doc_commands import shown
 from slurm_cluster import SlurmCluster
-from test_doc_scenarios_slurm import SUBMITTED, job_output, wait_for_text
+from test_doc_scenarios_slurm import SUBMITTED, job_output, slurm_terminal, wait_for_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.docs]
 SLURM_PAGE = "docs/slurm.md"
 MULTI_NODE = "docs/multi-node.md"
 BOTH = ("docs/slurm.md", "docs/multi-node.md")
+TWO_NODES_SHOWN = [(BOTH, 'scripts/local-slurm up --nodes 2 && eval "$(scripts/local-slurm env)"')]
 
 
 @pytest.fixture(scope="module")
 def terminal(tmp_path_factory):
-    root = tmp_path_factory.mktemp("doc-nodes")
-    copy = copy_of_repository(root / "repository")
-    shell = Shell(copy, {**reader_environment(root / "home"), "LOCAL_SLURM_INSTALL": "no"})
-    shell.run(shown("docs/setup.md", "source .venv/bin/activate"))
-    shell.run(shown(BOTH, 'scripts/local-slurm up --nodes 2 && eval "$(scripts/local-slurm env)"'))
-    cluster = SlurmCluster({"SLURM_CONF": str(copy / "out/slurm/slurm.conf"),
-                            "PATH": os.environ["PATH"]})
-    yield shell, copy, cluster
-    shell.run(f"cd {copy} && scripts/local-slurm down", code=None)
-    shell.close()
+    """The two-node cluster both pages start."""
+    yield from slurm_terminal(tmp_path_factory.mktemp("doc-nodes"), *TWO_NODES_SHOWN)
 
 
 def wait_until_running(cluster: SlurmCluster, job: str, restarts: int = 0) -> dict:

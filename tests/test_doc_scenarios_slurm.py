@@ -16,23 +16,36 @@ from slurm_cluster import SlurmCluster
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.docs]
 WALKTHROUGH = ("README.md", "docs/setup.md")
 SUBMITTED = re.compile(r"Submitted batch job (\d+)")
+SET_UP_CLUSTER_SHOWN = [("docs/setup.md", "scripts/local-slurm up"),
+                        ("docs/setup.md", 'eval "$(scripts/local-slurm env)"')]
 
 
-@pytest.fixture(scope="module")
-def terminal(tmp_path_factory):
-    """A reader's terminal in a copy of the repository, with the page's cluster up."""
-    root = tmp_path_factory.mktemp("doc-slurm")
+def slurm_terminal(root: Path, *up_commands: tuple):
+    """A reader's terminal in a copy of the repository in ``root``, the project's
+    environment active, after the pages' ``up_commands`` ((page, command) pairs) have
+    started a cluster; yields (shell, copy, cluster) and stops the cluster after."""
     copy = copy_of_repository(root / "repository")
     # `make setup` installed Slurm before any test started; two installers would collide.
     shell = Shell(copy, {**reader_environment(root / "home"), "LOCAL_SLURM_INSTALL": "no"})
     shell.run(shown("docs/setup.md", "source .venv/bin/activate"))
-    shell.run(shown("docs/setup.md", "scripts/local-slurm up"))
-    shell.run(shown("docs/setup.md", 'eval "$(scripts/local-slurm env)"'))
-    assert "debug" in shell.run(shown("docs/setup.md", "sinfo"))
+    for page, command in up_commands:
+        shell.run(shown(page, command))
     yield shell, copy, SlurmCluster({"SLURM_CONF": str(copy / "out/slurm/slurm.conf"),
                                      "PATH": os.environ["PATH"]})
     shell.run(f"cd {copy} && scripts/local-slurm down", code=None)
     shell.close()
+
+
+@pytest.fixture(scope="module")
+def terminal(tmp_path_factory):
+    """The set-up page's one-node cluster."""
+    yield from slurm_terminal(tmp_path_factory.mktemp("doc-slurm"), *SET_UP_CLUSTER_SHOWN)
+
+
+def test_sinfo_shows_the_set_up_pages_partitions(terminal):
+    shell, _, _ = terminal
+    output = shell.run(shown("docs/setup.md", "sinfo"))
+    assert "debug" in output and "high" in output, output
 
 
 def submit(shell: Shell, command: str) -> str:
