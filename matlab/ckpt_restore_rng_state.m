@@ -10,8 +10,12 @@ function ckpt_restore_rng_state(state)
     randg('state', state.octave_extra.randg);
     randp('state', state.octave_extra.randp);
   end
-  if isfield(state.octave_extra, 'legacy_seed')
-    rand('seed', state.octave_extra.legacy_seed);  % last: a 'state' above switches it off
+  if isfield(state.octave_extra, 'legacy_seeds')
+    % Last: each 'state' above switched the old generators off; a 'seed' switches them on.
+    seeds = state.octave_extra.legacy_seeds;
+    for name = reshape(fieldnames(seeds), 1, [])
+      feval(name{1}, 'seed', seeds.(name{1}));
+    end
   end
 end
 

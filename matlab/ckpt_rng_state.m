@@ -6,17 +6,17 @@ function state = ckpt_rng_state()
 %   (randi and randperm draw from rand); Octave's rande, randg and randp have states of
 %   their own, kept in state.octave_extra. A RandStream you create yourself is not
 %   global: save its State property with it.
-%   Old code that seeds with rand('seed', x) draws from a generator rng() does not hold:
-%   ckpt_legacy_rng warns, and in Octave its seed goes into state.octave_extra too.
-  legacy_seed = ckpt_legacy_rng();
+%   Old code that seeds with rand('seed', x) draws from generators rng() does not hold:
+%   ckpt_legacy_rng warns, and in Octave their seeds go into state.octave_extra too.
+  legacy_seeds = ckpt_legacy_rng();
   state.rng = rng();
   state.octave_extra = struct();
   if exist('OCTAVE_VERSION', 'builtin')
     state.octave_extra = struct('rande', rande('state'), 'randg', randg('state'), ...
                                 'randp', randp('state'));
   end
-  if ~isempty(legacy_seed)
-    state.octave_extra.legacy_seed = legacy_seed;
+  if ~isempty(legacy_seeds)
+    state.octave_extra.legacy_seeds = legacy_seeds;
   end
 end
 

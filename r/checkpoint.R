@@ -656,7 +656,7 @@ rng_warning <- function(...) {
 #   Rscript $PROGRAM --ckpt-dir DIR --stop-file FILE --no-requeue $R_ARGS
 # job_arguments() takes those three out and leaves the rest, in order, for the script's
 # own parsing: list(ckpt_dir, stop_file, requeue, args). Run by hand without them, the
-# checkpoints go to `ckpt_dir`, no stop file is checked, and a stop requeues from R.
+# checkpoints go to `ckpt_dir`, no stop file is checked, and requeue is TRUE.
 job_arguments <- function(argv = commandArgs(trailingOnly = TRUE), ckpt_dir = "checkpoints") {
   job <- list(ckpt_dir = ckpt_dir, stop_file = "", requeue = TRUE, args = character())
   i <- 1

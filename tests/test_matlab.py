@@ -378,6 +378,34 @@ def test_the_sigterm_of_its_own_requeue_does_not_change_the_exit_code(tmp_path):
     assert not stop_file.exists()
 
 
+def test_a_sigterm_that_ends_matlab_too_is_reported_as_a_stop_not_a_failure(tmp_path):
+    """At the time limit and on scancel, Slurm sends TERM to every process of the job: the
+    batch shell and MATLAB together. Octave exits 1 on it at once, without saving (a stand-in
+    does the same here); the shell must say what happened and exit 143, not "failed"."""
+    started = tmp_path / "started"
+    body = f"trap 'exit 1' TERM; touch {started}; while :; do sleep 0.05; done"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("rm", "touch", "date", "hostname", "sleep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    matlab = fake_command(tmp_path / "fake-matlab", body)
+    env = {"PATH": str(bin_dir), "MATLAB_CMD": str(matlab), "HOME": str(tmp_path),
+           "SLURM_JOB_ID": "77"}
+    job = subprocess.Popen(["/bin/bash", str(MATLAB_DIR / "job.sbatch")], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+    for pid in [job.pid, *map(int, children.stdout.split())]:
+        os.kill(pid, signal.SIGTERM)
+    output, _ = job.communicate(timeout=30)
+    assert job.returncode == 143, output
+    assert "== MATLAB ended on the SIGTERM (exit code 1) before it could save" in output, output
+    assert "failed" not in output and "requeued job" not in output, output
+
+
 # ------------------------------------------------------------------ real signals
 def project_folder(tmp_path: Path) -> Path:
     """A folder holding the kit the way a user copies it next to job.sbatch."""

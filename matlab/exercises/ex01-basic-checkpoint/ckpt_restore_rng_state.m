@@ -2,6 +2,8 @@ function ckpt_restore_rng_state(state)
 %CKPT_RESTORE_RNG_STATE  Put back the random number generators saved by ckpt_rng_state,
 %   so a resumed run draws exactly the numbers the uninterrupted run would have drawn.
 %   ckpt_restore_rng_state(checkpoint.rng)
+%   Call it after everything the program draws before its loop (data it simulates, initial
+%   values): those draws would move the restored generators on.
 
   % Exercise ex01-basic-checkpoint, task 2: write this function in place of the error() below.
   % Generated from matlab/ckpt_restore_rng_state.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex01

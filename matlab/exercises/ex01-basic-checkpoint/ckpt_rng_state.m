@@ -6,6 +6,8 @@ function state = ckpt_rng_state()
 %   (randi and randperm draw from rand); Octave's rande, randg and randp have states of
 %   their own, kept in state.octave_extra. A RandStream you create yourself is not
 %   global: save its State property with it.
+%   Old code that seeds with rand('seed', x) draws from generators rng() does not hold:
+%   ckpt_legacy_rng warns, and in Octave their seeds go into state.octave_extra too.
 
   % Exercise ex01-basic-checkpoint, task 1: write this function in place of the error() below.
   % Generated from matlab/ckpt_rng_state.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex01

@@ -4,7 +4,8 @@ function [path, info] = ckpt_find_latest_valid(folder)
 %   path is '' and info [] when there is none (a fresh start). Newer checkpoints that fail
 %   verification, or hold more than data (ckpt_check_plain_mat), are skipped with a printed
 %   line that says why; files without a marker are not candidates at all. It never raises
-%   for a damaged file.
+%   for a damaged or unreadable file, and changes nothing on disk (ckpt_load_latest moves
+%   what it skips to corrupt/).
 
   % Exercise ex04-auto-resume, task 3: write this function in place of the error() below.
   % Generated from matlab/ckpt_find_latest_valid.m by scripts/make_starters.py. Grade from the repository's top folder: make grade EX=matlab-ex04

@@ -17,6 +17,11 @@
 #   rotate_checkpoints(), remove_unfinished_saves()
 #   capture_rng_state() / restore_rng_state()   .Random.seed AND RNGkind(), so a resumed
 #                            run draws exactly the numbers an uninterrupted one draws
+#   resume_iterations()      for a `for` loop: the iterations left, with the RNG restored
+#                            in the loop's header, and a warning when the numbers drawn
+#                            before the loop differ from the first run's
+#   job_arguments()          the --ckpt-dir, --stop-file and --no-requeue that job.sbatch
+#                            passes to your script, taken out of its command line
 #   save_schedule()          save every N steps and every T seconds, whichever is first
 #   stop_requested()         R cannot run code when a signal arrives: the batch shell
 #                            traps Slurm's signal and creates a flag file; the loop checks
@@ -65,11 +70,16 @@ CHECKPOINT_KINDS <- c("step", "time", "preempt")
 # step checkpoints you rely on.
 TIME_KINDS <- "time"
 CHECKPOINT_NAME_PATTERN <- "^(step|time|preempt)_[0-9]+\\.rds$"
+MARKER_NAME_PATTERN <- "^(step|time|preempt)_[0-9]+\\.rds\\.json$"
 SLURM_JOB_ID_PATTERN <- "^[0-9]+(_[0-9]+)?$"
 
 EXIT_FINISHED <- 0L
 EXIT_REQUEUED <- 3L
 EXIT_PREEMPTED <- 75L
+
+# What this R process learned about its run: the checkpoint it resumed from, and the
+# fingerprint of the random numbers drawn before the loop (see resume_iterations()).
+checkpoint_session <- new.env()
 
 
 # ------------------------------------------------------------------------------ messages
@@ -178,6 +188,7 @@ write_completion_marker <- function(checkpoint, step, kind, saved_at, sha256, si
                step = step, kind = kind, saved_at = saved_at, sha256 = sha256,
                size = size, r_version = R.version$version.string,
                host = Sys.info()[["nodename"]])
+  meta$rng_before_loop <- checkpoint_session$rng_before_loop  # NULL adds nothing
   text <- jsonlite::toJSON(meta, auto_unbox = TRUE, pretty = TRUE, digits = NA)
   atomic_write_file(marker_path(checkpoint), function(tmp) writeLines(text, tmp))
   invisible(meta)
@@ -193,13 +204,22 @@ read_marker <- function(checkpoint) {
                        "); the save did not finish")
   }
   meta <- tryCatch(jsonlite::fromJSON(marker, simplifyVector = TRUE), error = function(e) {
+    # jsonlite's message spans lines (it draws an arrow): its first line is enough
     corrupt_checkpoint(basename(checkpoint), ": unreadable completion marker (",
-                       conditionMessage(e), ")")
+                       sub("\\n.*", "", conditionMessage(e)), ")")
   })
   missing <- setdiff(c("step", "kind", "saved_at", "sha256", "size"), names(meta))
   if (!is.list(meta) || length(missing) > 0) {
     corrupt_checkpoint(basename(checkpoint), ": completion marker lacks ",
                        paste(missing, collapse = ", "))
+  }
+  # Fields of the wrong type would make the comparisons below fail with R's own errors.
+  is_number <- function(x) is.numeric(x) && length(x) == 1 && !is.na(x)
+  malformed <- c(Filter(function(field) !is_number(meta[[field]]), c("step", "size", "saved_at")),
+                 if (!is.character(meta$sha256) || length(meta$sha256) != 1) "sha256")
+  if (length(malformed) > 0) {
+    corrupt_checkpoint(basename(checkpoint), ": completion marker has a malformed ",
+                       paste(malformed, collapse = ", "))
   }
   list(path = checkpoint, name = basename(checkpoint), step = as.integer(meta$step),
        kind = as.character(meta$kind), saved_at = as.numeric(meta$saved_at),
@@ -247,10 +267,15 @@ quarantine_checkpoint <- function(info) {
 }
 
 # readRDS() of a verified checkpoint that holds plain data only (check_plain_rds); a file
-# that verifies but cannot be read is corrupt.
+# that verifies but cannot be read is corrupt. Any error reading it says so, and names the
+# file: bytes that match their marker can still be garbage (a marker written over by hand,
+# a disk that returned other bytes on both), and a damaged file must never end the job.
 read_checkpoint_file <- function(path) {
-  check_plain_rds(path)
-  tryCatch(readRDS(path), error = function(e) {
+  tryCatch({
+    check_plain_rds(path)
+    readRDS(path)
+  }, error = function(e) {
+    if (inherits(e, "checkpoint_error")) stop(e)  # says already what is wrong
     corrupt_checkpoint(basename(path), ": cannot be read (", conditionMessage(e), ")")
   })
 }
@@ -290,7 +315,7 @@ check_plain_rds <- function(path) {
   }
   take <- function(n) {
     if (n == 0) return(raw())
-    if (pos + n > length(bytes) + 1) corrupt_checkpoint(basename(path), ": cut short")
+    if (n < 0 || pos + n > length(bytes) + 1) corrupt_checkpoint(basename(path), ": cut short")
     pos <<- pos + n
     bytes[(pos - n):(pos - 1)]
   }
@@ -298,6 +323,7 @@ check_plain_rds <- function(path) {
   len <- function() {
     n <- int()
     if (n == -1L) n <- int() * 2^32 + int() %% 2^32  # a long vector
+    if (n < 0) corrupt_checkpoint(basename(path), ": not what saveRDS writes (a negative length)")
     n
   }
   symbols <- character()
@@ -347,6 +373,23 @@ check_plain_rds <- function(path) {
   if (int() == 3L) { take(8); take(int()) } else take(8)  # versions; v3: native encoding
   item()
   invisible(TRUE)
+}
+
+# A marker that is there but cannot be read, or whose checkpoint is gone, is damage, not a
+# save in progress: markers are written whole (temp file, rename), after their checkpoint.
+# list_checkpoints() leaves such a pair out, so without this it would stay in the folder
+# for ever, never mentioned. Each is named in one line and moved to corrupt/.
+set_aside_damaged_markers <- function(directory, quarantine = TRUE) {
+  for (name in sub("\\.json$", "", list.files(directory, pattern = MARKER_NAME_PATTERN))) {
+    info <- list(path = file.path(directory, name), name = name)
+    tryCatch({
+      if (!file.exists(info$path)) corrupt_checkpoint(name, ": file is missing")
+      read_marker(info$path)
+    }, checkpoint_error = function(e) {
+      checkpoint_log("skipped corrupt checkpoint: ", conditionMessage(e))
+      if (quarantine) quarantine_checkpoint(info)
+    })
+  }
 }
 
 # Load the newest valid checkpoint and return the state it holds, or NULL (with a message)
@@ -474,6 +517,88 @@ restore_rng_state <- function(state) {
     assign(".Random.seed", state$seed, envir = globalenv())
   }
   invisible(state)
+}
+
+
+# ------------------------------------------------------------------------------ resuming a loop
+# The iterations a `for` loop has left, done + 1 to n, with the RNG restored. Call it in
+# the loop's header on every start, fresh (done and rng NULL) or resumed:
+#   for (iter in resume_iterations(n_iter, state$iter, state$rng)) {
+# There the restore is the last thing before the first iteration: a set.seed() or a draw
+# after it would shift every later number. A finished job started again (done >= n) gets
+# no iterations, where `(done + 1):n` would count down. Leave rng out only when the loop
+# draws no random numbers.
+# What the script draws before the loop (a hold-out split) must be the same in every run,
+# so it seeds on every start. A fresh start records a fingerprint of the RNG state here,
+# which every checkpoint's marker carries; a resumed run that drew numbers before the loop
+# but is in another state here gets one warning (seeded on a fresh start only, or restored
+# too early and drawn from).
+resume_iterations <- function(n, done = NULL, rng = NULL) {
+  before_loop <- rng_fingerprint()
+  if (is.null(done)) {
+    checkpoint_session$rng_before_loop <- before_loop
+    return(seq_len(n))
+  }
+  first_run <- marker_field(checkpoint_session$resumed_from, "rng_before_loop")
+  checkpoint_session$rng_before_loop <- first_run
+  if (!is.null(before_loop) && !is.null(first_run) && before_loop != first_run) {
+    rng_warning("the random numbers drawn before the loop differ from the first run's, so ",
+                "this run does not continue it: call set.seed() on every start, resumed too, ",
+                "before anything draws (a hold-out split, simulated data)")
+  }
+  if (!missing(rng) && is.null(rng)) {
+    rng_warning("resumed at iteration ", done, " without a saved RNG state: save ",
+                "capture_rng_state() in the checkpoint and pass it as rng")
+  }
+  if (!is.null(rng)) restore_rng_state(rng)
+  done <- as.integer(done)
+  done + seq_len(max(0L, n - done))
+}
+
+# The sha256 of the RNG state (kinds and .Random.seed), or NULL before anything drew a
+# number or set a seed.
+rng_fingerprint <- function() {
+  rng <- capture_rng_state()
+  if (is.null(rng$seed)) NULL else digest::digest(rng, algo = "sha256")
+}
+
+# One field of a checkpoint's marker, or NULL.
+marker_field <- function(checkpoint, name) {
+  if (is.null(checkpoint) || !file.exists(marker_path(checkpoint))) return(NULL)
+  tryCatch(jsonlite::fromJSON(marker_path(checkpoint))[[name]], error = function(e) NULL)
+}
+
+# A warning printed at once, in one line (a deferred one would come after the loop).
+rng_warning <- function(...) {
+  old <- options(warn = max(1, getOption("warn")))
+  on.exit(options(old))
+  warning(structure(class = c("checkpoint_rng_warning", "warning", "condition"),
+                    list(message = paste0("[checkpoint] ", ...), call = NULL)))
+}
+
+
+# ------------------------------------------------------------------------------ job arguments
+# job.sbatch runs a script as
+#   Rscript $PROGRAM --ckpt-dir DIR --stop-file FILE --no-requeue $R_ARGS
+# job_arguments() takes those three out and leaves the rest, in order, for the script's
+# own parsing: list(ckpt_dir, stop_file, requeue, args). Run by hand without them, the
+# checkpoints go to `ckpt_dir`, no stop file is checked, and requeue is TRUE.
+job_arguments <- function(argv = commandArgs(trailingOnly = TRUE), ckpt_dir = "checkpoints") {
+  job <- list(ckpt_dir = ckpt_dir, stop_file = "", requeue = TRUE, args = character())
+  i <- 1
+  while (i <= length(argv)) {
+    if (argv[i] == "--no-requeue") {
+      job$requeue <- FALSE
+    } else if (argv[i] %in% c("--ckpt-dir", "--stop-file")) {
+      if (i == length(argv)) stop(argv[i], " needs a value", call. = FALSE)
+      job[[if (argv[i] == "--ckpt-dir") "ckpt_dir" else "stop_file"]] <- argv[i + 1]
+      i <- i + 1
+    } else {
+      job$args <- c(job$args, argv[i])
+    }
+    i <- i + 1
+  }
+  job
 }
 
 
