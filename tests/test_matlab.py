@@ -402,7 +402,9 @@ def test_a_sigterm_that_ends_matlab_too_is_reported_as_a_stop_not_a_failure(tmp_
         os.kill(pid, signal.SIGTERM)
     output, _ = job.communicate(timeout=30)
     assert job.returncode == 143, output
-    assert "== MATLAB ended on the SIGTERM (exit code 1) before it could save" in output, output
+    # The code is 1 (Octave's, the stand-in's), or 143 when bash lost it in the same TERM.
+    assert re.search(r"== MATLAB ended on the SIGTERM \(exit code (1|143)\) before it could "
+                     r"save", output), output
     assert "failed" not in output and "requeued job" not in output, output
 
 
