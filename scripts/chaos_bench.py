@@ -333,7 +333,13 @@ def leaves_a_run_to_hit(plan: list[tuple[int, str]], ref: Reference) -> bool:
         # A signal needs a step after it to land in; a save-waiting fault may hit the last save.
         if fires_at > ref.total_steps or (fires_at == ref.total_steps and not waits):
             return False
-        if waits and ref.save_every:  # the next save may be a whole interval away
+        if kind == "disk-full":
+            # Each save's rotation frees room for the next, and the bench takes it back
+            # only when it reads the next progress line: on a busy machine the saves may
+            # win that race up to the final one, and the next start resume from the save
+            # before it.
+            resumed_from = max(fires_at, ref.total_steps - ref.save_every)
+        elif waits and ref.save_every:  # the next save may be a whole interval away
             resumed_from = min(fires_at + ref.save_every, ref.total_steps)
         else:
             resumed_from = fires_at
@@ -353,11 +359,18 @@ def draw_fault_steps(rng: random.Random, kinds: list[str], ref: Reference) -> li
                      "fewer --faults-per-run, or a longer run")
 
 
+def storage_faults_last(kinds: list[str]) -> list[str]:
+    """``kinds`` with the disk-full faults moved to the end: one may not show before the
+    final save, and the faults after it would find the run over."""
+    return sorted(kinds, key=lambda kind: kind == "disk-full")
+
+
 def plan_run(rng: random.Random, kinds: list[str], ref: Reference, ranks: int,
              ckpt_dir: Path, nodes: int = 1) -> list[Fault]:
-    """One fault of each of ``kinds`` (in that order), at distinct random steps that
-    leave every fault a run to hit."""
+    """One fault of each of ``kinds`` (in that order, the disk-full ones last), at distinct
+    random steps that leave every fault a run to hit."""
     faults = []
+    kinds = storage_faults_last(kinds)
     for step, kind in zip(draw_fault_steps(rng, kinds, ref), kinds):
         sig = rng.choice(PREEMPTION_SIGNALS)
         some_ranks = None

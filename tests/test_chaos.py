@@ -164,8 +164,14 @@ def test_fault_steps_leave_every_fault_a_run_to_hit():
     assert not chaos_bench.leaves_a_run_to_hit([(220, "kill-in-save"), (230, "signal")], ref)
     assert chaos_bench.leaves_a_run_to_hit([(150, "kill-in-save"), (160, "signal")], ref)
     assert not chaos_bench.leaves_a_run_to_hit([(240, "signal")], ref)
+    # A full disk may show only at the final save: a start after it resumes from step 205
+    # at worst, and a kill waiting for the next save then meets the final one.
+    assert not chaos_bench.leaves_a_run_to_hit(
+        [(105, "disk-full"), (150, "kill-in-save"), (160, "signal")], ref)
+    assert chaos_bench.leaves_a_run_to_hit(
+        [(105, "kill-in-save"), (150, "signal"), (160, "disk-full")], ref)
     rng = random.Random(3)
-    kinds = list(chaos_bench.KINDS) * 2
+    kinds = chaos_bench.storage_faults_last(list(chaos_bench.KINDS) * 2)
     for _ in range(50):
         plan = list(zip(chaos_bench.draw_fault_steps(rng, kinds, ref), kinds))
         assert chaos_bench.leaves_a_run_to_hit(plan, ref)
