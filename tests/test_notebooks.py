@@ -197,11 +197,14 @@ def require_kernel(kernel: str) -> None:
         require_command("octave-cli", "scripts/install-debian-packages octave")
 
 
-def run_nbval(notebook: Path, kernel: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_nbval(notebook: Path, kernel: str, tmp_path: Path,
+              timeout: float = 240) -> subprocess.CompletedProcess:
     """Run one notebook under strict nbval in a pytest of its own (nbval's cells are
-    pytest items; a nested run keeps them out of this session's collection)."""
+    pytest items; a nested run keeps them out of this session's collection), with its
+    kernel started in the repository's top folder (tests/nbval_kernel_in_repository_root.py)."""
     command = [sys.executable, "-m", "pytest", "--nbval", str(notebook),
                "--nbval-sanitize-with", str(SANITIZE), "-p", "no:cacheprovider",
+               "-p", "nbval_kernel_in_repository_root",
                "-o", "addopts=", "-q", "--nbval-cell-timeout", "120"]
     if kernel == "python3":
         command.append("--nbval-current-env")  # this interpreter, the one with the kit's packages
@@ -209,7 +212,13 @@ def run_nbval(notebook: Path, kernel: str, timeout: float = 240) -> subprocess.C
     # under its generic kernels and one thread. Those end a run with other last bits, the
     # way another CPU or a laptop would, so an output that carries such bits fails here,
     # not on an instructor's machine.
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **OTHER_CPU}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **OTHER_CPU,
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "NBVAL_KERNEL_CWD_LOG": str(tmp_path / "kernel-cwd.txt"),
+           # nbval kills the kernel, so a notebook's temporary folder, which the kernel
+           # removes when it exits normally, stays: keep it among this test's files.
+           "TMPDIR": str(tmp_path)}
     # The kernels start Rscript, octave-cli, python: the venv's bin first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
@@ -217,17 +226,23 @@ def run_nbval(notebook: Path, kernel: str, timeout: float = 240) -> subprocess.C
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS)
-def test_notebook_runs_and_gives_its_stored_outputs(path):
+def test_notebook_started_in_the_repository_root_gives_its_stored_outputs(path, tmp_path):
+    """Each notebook under strict nbval, its kernel started in the repository's top folder,
+    not in notebooks/: the notebook must find the kit from there. (Started in notebooks/,
+    as Jupyter starts it, they run whenever their outputs are stored with
+    scripts/execute_notebooks.py, and 06 and 07 in test_executed_outputs_show_no_r_or_octave_error.)"""
     notebook = REPO / path
     kernel = kernel_name(read_notebook(notebook))
     require_kernel(kernel)
     started = time.monotonic()
-    result = run_nbval(notebook, kernel)
+    result = run_nbval(notebook, kernel, tmp_path)
     seconds = time.monotonic() - started
     print(f"{path}: nbval took {seconds:.1f} s")
     assert result.returncode == 0, (
         f"{path} fails under nbval (exit {result.returncode}, {seconds:.1f} s):\n"
         f"{result.stdout[-12000:]}\n{result.stderr[-3000:]}")
+    started_in = (tmp_path / "kernel-cwd.txt").read_text().splitlines()
+    assert started_in == [str(REPO)], f"the kernel was started in: {started_in}"
     assert seconds < 120, f"{path} took {seconds:.0f} s under nbval; keep it under a minute"
 
 
