@@ -17,6 +17,10 @@ What TensorFlow gives you, and what this file adds to it:
   noise layers) keep their seed in a variable that ``tf.train.Checkpoint(model=model)``
   does **not** save. Put these variables in the checkpoint yourself, or a resumed run
   draws other dropout masks than the run it continues.
+* ``ResumableFit``, for ``model.fit``: a callback in the place of Keras's BackupAndRestore
+  that also keeps the state of ReduceLROnPlateau, EarlyStopping, ModelCheckpoint (and of
+  callbacks of yours), proves each epoch's backup complete with a marker, and leaves a
+  finished run finished; ``AtomicModelCheckpoint`` writes best.keras all or nothing.
 * The preemption flag, the emergency deadline, the safe ``scontrol requeue`` and the exit
   codes (0 finished, 3 requeued, 75 saved but not requeued, 4 save deadline passed) are
   those of the PyTorch kit, copied below (see the shared-code block).
@@ -27,6 +31,13 @@ Folder layout::
     ckpt-400.json   completion marker: step, files with sha256 and size, versions
     checkpoint      TensorFlow's pointer file (this kit does not trust it)
     corrupt/        damaged checkpoints, moved aside
+
+and, for model.fit (ResumableFit)::
+
+    backup-12.weights.h5   weights and optimizer after epoch 12
+    backup-12.npz          arrays a callback keeps (EarlyStopping's best weights), if any
+    backup-12.json         marker: epoch, step, finished, the callbacks' state, checksums
+    finished.json          written by the script once its results are saved
 """
 from __future__ import annotations
 
@@ -53,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import keras  # Keras 3, installed with TensorFlow 2.16 and later
+import numpy as np  # installed with TensorFlow
 import tensorflow as tf
 
 log = logging.getLogger("checkpoint")
@@ -241,28 +253,220 @@ class VerifiedCheckpointManager:
 
 
 # --------------------------------------------------------------------------- Keras fit
-# model.fit users resume with keras.callbacks.BackupAndRestore. What it does, read from
-# Keras 3.15: at each epoch end (or every save_freq batches) it writes the weights and the
-# optimizer to latest.weights.h5 and {"epoch": ...} to training_metadata.json; at the start
-# of fit it loads them and makes fit start at that epoch. What to know about it:
-#   * it resumes at an epoch boundary only: stop at an epoch end (StopAtEpochEndOnPreemption
-#     below), or the partial epoch is trained twice; an epoch must fit in the warning time;
-#   * delete_checkpoint=True (the default) deletes the backup when fit returns, and fit
-#     also returns when a callback stopped it for a preemption: pass delete_checkpoint=False;
-#   * double_checkpoint=True keeps the previous backup for when a kill damaged the newest;
-#   * neither the data order nor Dropout's seed is in the backup: make both a function of
-#     the epoch number (EpochSeeds, epoch_batches below), and a resume is the same run;
-#   * fit leaves model._initial_epoch set after a resume, so a second fit() in the same
-#     process would start at that epoch too (ForgetResumedEpoch resets it).
+# model.fit users resume with ResumableFit, a callback in the place of Keras's
+# BackupAndRestore. What BackupAndRestore (read from Keras 3.15) does not do, and this does:
+#   * keep the other callbacks' state: ReduceLROnPlateau's and EarlyStopping's counters and
+#     best value, ModelCheckpoint's best, all start again from zero at every fit;
+#   * hold what those callbacks changed at the epoch end (a learning rate lowered by
+#     ReduceLROnPlateau): ResumableFit goes last in the list and backs up after them;
+#   * prove the backup complete: it writes the weights and the epoch number in place, in
+#     two files, so a kill between them pairs new weights with the old epoch. Here each
+#     epoch's weights get a file of their own and a marker with their sha256, written last;
+#   * keep the backup when fit returns (delete_checkpoint=True, its default, deletes it
+#     when a preemption stop makes fit return), and stop at an epoch end only (a resume
+#     starts at one; stopped mid-epoch, the partial epoch would count as done);
+#   * make the data order and Dropout's seed functions of the epoch number, as neither is
+#     in the backup (epoch_batches below; the seeds are set at each epoch start);
+#   * leave a finished run finished: after the last epoch or an early stop, a resumed fit
+#     trains nothing; and clear model._initial_epoch, which a second fit would start at.
 
-def backup_epoch(backup_dir: str | Path) -> int:
-    """The epoch a BackupAndRestore in ``backup_dir`` resumes at (0 when there is none).
-    Read it after BackupAndRestore has loaded (in a later callback's on_train_begin): if
-    the newest backup was damaged it has put the previous one in its place by then."""
+BACKUP_PREFIX = "backup"  # backup-12.weights.h5, backup-12.json: the state after 12 epochs
+FIT_FINISHED = "finished.json"
+_BACKUP_FILE = re.compile(rf"^{BACKUP_PREFIX}-(\d+)\.(json|weights\.h5|npz)$")
+
+# What each stateful built-in callback must keep across a resume (Keras 3.15's names). A
+# callback of yours names its own in a class attribute: resume_attributes = ("count",).
+CALLBACK_STATE = (
+    (keras.callbacks.ReduceLROnPlateau, ("best", "wait", "cooldown_counter")),
+    (keras.callbacks.EarlyStopping,
+     ("best", "wait", "best_epoch", "stopped_epoch", "best_weights")),
+    (keras.callbacks.ModelCheckpoint,
+     ("best", "_batches_seen_since_last_saving", "_last_batch_seen")),
+)
+
+
+def resume_attributes(callback) -> tuple[str, ...]:
+    """The attribute names of ``callback`` that a resume must give back."""
+    if hasattr(callback, "resume_attributes"):
+        return tuple(callback.resume_attributes)
+    return next((names for kind, names in CALLBACK_STATE if isinstance(callback, kind)), ())
+
+
+def backup_epochs(directory: str | Path) -> list[int]:
+    """Epochs of the backups in ``directory`` that have a marker, newest first."""
+    directory = Path(directory)
+    found = [int(m[1]) for p in directory.iterdir() if (m := _BACKUP_FILE.match(p.name))
+             and m[2] == "json"] if directory.is_dir() else []
+    return sorted(found, reverse=True)
+
+
+def finished_fit(backup_dir: str | Path) -> dict | None:
+    """What ``mark_fit_finished`` recorded in ``backup_dir``, or None: not finished."""
     try:
-        return int(json.loads((Path(backup_dir) / "training_metadata.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
+        return json.loads((Path(backup_dir) / FIT_FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_fit_finished(backup_dir: str | Path, **facts) -> None:
+    """Record that the run is over, after its results are saved: a rerun of the job
+    (a requeue, a resubmission) then exits at once."""
+    atomic_write_json(Path(backup_dir) / FIT_FINISHED, facts)
+
+
+class ResumableFit(keras.callbacks.Callback):
+    """Backs up model.fit at every epoch end and resumes it into the very run it left:
+    weights, optimizer (its learning rate too), the epoch, and the state of ``callbacks``.
+
+    Put it last, after the callbacks it is given, so that it backs up what they changed::
+
+        callbacks = [keras.callbacks.ReduceLROnPlateau(...), keras.callbacks.EarlyStopping(...)]
+        model.fit(batches, ..., callbacks=[*callbacks, ResumableFit(
+            "backup", callbacks, seed=seed, first_epoch=first_epoch, preemption=preemption)])
+
+    ``first_epoch`` is the variable ``epoch_batches`` reads; ``preemption`` a
+    PreemptionHandler: after a signal, fit stops at the end of that epoch."""
+
+    def __init__(self, backup_dir: str | Path, callbacks=(), *, seed: int,
+                 first_epoch: tf.Variable, preemption: "PreemptionHandler", keep: int = 2):
+        super().__init__()
+        if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks):
+            raise ValueError("remove keras.callbacks.BackupAndRestore from the callbacks: "
+                             "ResumableFit makes the backups (two would fight over the epoch)")
+        self.directory, self.callbacks = Path(backup_dir), list(callbacks)
+        self.seed, self.first_epoch, self.preemption = seed, first_epoch, preemption
+        self.keep = max(keep, 2)  # the newest, and the one before it if a kill damaged it
+
+    def on_train_begin(self, logs=None):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_unfinished_backups()
+        marker = self._newest_valid_backup()
+        epoch = marker["epoch"] if marker else 0
+        if marker:
+            if not self.model.optimizer.built:  # its slots must exist to be loaded into
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(self.directory / f"{BACKUP_PREFIX}-{epoch}.weights.h5")
+            self._restore_callback_state(marker)
+            log.info("resumed from %s (epoch %d, step %d)%s", self.directory, epoch,
+                     int(self.model.optimizer.iterations),
+                     ": the run had finished, nothing to train" if marker["finished"] else "")
+        self.first_epoch.assign(epoch)
+        # fit reads the epoch to start at after this hook; a finished run starts at its end.
+        self.model._initial_epoch = self.params["epochs"] if marker and marker["finished"] \
+            else epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for i, state in enumerate(keras_rng_variables(self.model)):  # Dropout's seeds ...
+            state.assign(tf.constant([self.seed * 7919 + i, epoch * 1_000_003],
+                                     dtype=state.dtype))
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Stopped by a callback (EarlyStopping), or at the last epoch: the run is over.
+        finished = bool(self.model.stop_training) or epoch + 1 >= self.params["epochs"]
+        self._save_backup(epoch + 1, finished)
+        if self.preemption.requested and not finished:
+            log.info("received %s during epoch %d: stopping after its backup",
+                     self.preemption.signal_name, epoch)
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.model._initial_epoch = None  # else a second fit() would start at it too
+
+    def _save_backup(self, epoch: int, finished: bool) -> None:
+        weights = self.directory / f"{BACKUP_PREFIX}-{epoch}.weights.h5"
+        self.model.save_weights(weights, overwrite=True)
+        digest, size = _file_digest(weights, fsync=True)  # durable before the marker
+        files = {weights.name: {"sha256": digest, "size": size}}
+        arrays: dict[str, Any] = {}
+        states = [{"callback": type(c).__name__, "state": _callback_state(c, i, arrays)}
+                  for i, c in enumerate(self.callbacks)]
+        if arrays:  # EarlyStopping's best weights
+            npz = weights.with_name(f"{BACKUP_PREFIX}-{epoch}.npz")
+            digest, size = atomic_write_bytes(npz, lambda f: np.savez(f, **arrays))
+            files[npz.name] = {"sha256": digest, "size": size}
+        atomic_write_json(self.directory / f"{BACKUP_PREFIX}-{epoch}.json", {
+            "epoch": epoch, "step": int(self.model.optimizer.iterations),
+            "finished": finished, "callbacks": states, "files": files, "format": 1,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}})
+        for old in backup_epochs(self.directory)[self.keep:]:
+            self._move_backup(old, to=None)
+
+    def _newest_valid_backup(self) -> dict | None:
+        for epoch in backup_epochs(self.directory):
+            try:
+                return verify_tf_checkpoint(self.directory / f"{BACKUP_PREFIX}-{epoch}.json")
+            except CorruptCheckpointError as error:
+                log.warning("skipping the backup of epoch %d: %s", epoch, error)
+                self._move_backup(epoch, to=self.directory / CORRUPT_DIR)
+        log.info("no backup in %s: starting fresh", self.directory)
+        return None
+
+    def _restore_callback_state(self, marker: dict) -> None:
+        saved = marker["callbacks"]
+        if [s["callback"] for s in saved] != [type(c).__name__ for c in self.callbacks]:
+            log.warning("the callbacks are not those the backup was made with (%s): their "
+                        "state starts afresh", ", ".join(s["callback"] for s in saved))
+            return
+        npz = self.directory / f"{BACKUP_PREFIX}-{marker['epoch']}.npz"
+        arrays = np.load(npz, allow_pickle=False) if npz.exists() else {}
+        for callback, record in zip(self.callbacks, saved):
+            for name, value in record["state"].items():
+                if isinstance(value, dict) and "arrays" in value:  # a list of arrays
+                    value = [arrays[f"{value['arrays']}.{k}"] for k in range(value["count"])]
+                setattr(callback, name, value)
+
+    def _remove_unfinished_backups(self) -> None:
+        """Delete what a killed save left: backup files that never got their marker."""
+        marked = set(backup_epochs(self.directory))
+        for path in self.directory.iterdir():
+            m = _BACKUP_FILE.match(path.name)
+            if path.name.startswith(TEMP_PREFIX) or (m and int(m[1]) not in marked):
+                log.info("removing %s: its save did not finish", path.name)
+                path.unlink()
+
+    def _move_backup(self, epoch: int, to: Path | None) -> None:
+        """Move (``to`` a folder) or delete the backup of ``epoch``, its marker first."""
+        if to is not None:
+            to.mkdir(exist_ok=True)
+        for suffix in ("json", "weights.h5", "npz"):
+            path = self.directory / f"{BACKUP_PREFIX}-{epoch}.{suffix}"
+            if path.exists():
+                os.replace(path, to / path.name) if to is not None else path.unlink()
+
+
+def _callback_state(callback, index: int, arrays: dict) -> dict:
+    """The resume attributes of ``callback`` as JSON values; a list of arrays (EarlyStopping's
+    best weights) goes into ``arrays`` and is named in the state."""
+    state = {}
+    for name in resume_attributes(callback):
+        value = getattr(callback, name, None)
+        if isinstance(value, (list, tuple)) and value and hasattr(value[0], "shape"):
+            key = f"{index}.{name}"
+            arrays.update({f"{key}.{k}": np.asarray(v) for k, v in enumerate(value)})
+            value = {"arrays": key, "count": len(value)}
+        elif hasattr(value, "item") or tf.is_tensor(value):  # a NumPy or TensorFlow scalar
+            value = np.asarray(value).item()
+        state[name] = value
+    return state
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose file (best.keras ...) holds the old model or the new, never a
+    part: Keras writes it in place, and a kill mid-write leaves a broken file."""
+
+    def _save_model(self, epoch, batch, logs):
+        final = Path(self._get_file_path(epoch, batch, logs))
+        temp = final.with_name(f"{TEMP_PREFIX}{final.name}")  # same suffix: Keras checks it
+        temp.unlink(missing_ok=True)
+        pattern, self.filepath = self.filepath, str(temp)
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = pattern
+        if temp.exists():  # saved: the monitored value improved, or save_best_only is off
+            _file_digest(temp, fsync=True)
+            os.replace(temp, final)
+            fsync_directory(final.parent)
 
 
 def epoch_batches(dataset: tf.data.Dataset, *, seed: int, batch_size: int, epochs: int,
@@ -270,8 +474,9 @@ def epoch_batches(dataset: tf.data.Dataset, *, seed: int, batch_size: int, epoch
     """The batches of epochs ``first_epoch`` .. ``epochs - 1``, each epoch one pass over
     ``dataset`` shuffled in an order that depends only on (seed, epoch), and the number of
     batches per epoch. ``first_epoch`` is read when fit starts to iterate, so set it in
-    on_train_begin (EpochSeeds does), and pass the batches per epoch to fit as
-    ``steps_per_epoch``: Keras then keeps one iterator across epochs."""
+    on_train_begin (ResumableFit does), and pass the batches per epoch to fit as
+    ``steps_per_epoch``: Keras then keeps one iterator across epochs. NumPy arrays x, y:
+    ``tf.data.Dataset.from_tensor_slices((x, y))``."""
     size = int(dataset.cardinality())
     per_epoch = [dataset.shuffle(size, seed=seed * 1_000_003 + epoch)
                  .batch(batch_size, drop_remainder=True) for epoch in range(epochs)]
@@ -282,53 +487,6 @@ def epoch_batches(dataset: tf.data.Dataset, *, seed: int, batch_size: int, epoch
              .flat_map(lambda epoch: tf.data.Dataset.from_tensors(epoch)
                        .repeat(size // batch_size)))
     return tf.data.Dataset.choose_from_datasets(per_epoch, which), size // batch_size
-
-
-class EpochSeeds(keras.callbacks.Callback):
-    """Makes everything random in model.fit a function of the epoch number: the first epoch
-    of the data pipeline (``first_epoch``, from the backup) and, at each epoch start, the
-    seed state of every random layer (Dropout ...). Put it after BackupAndRestore."""
-
-    def __init__(self, seed: int, backup_dir: str | Path, first_epoch: tf.Variable):
-        super().__init__()
-        self.seed, self.backup_dir, self.first_epoch = seed, backup_dir, first_epoch
-
-    def on_train_begin(self, logs=None):
-        self.first_epoch.assign(backup_epoch(self.backup_dir))
-        if int(self.first_epoch):
-            log.info("resumed from %s (step %d, epoch %d)", self.backup_dir,
-                     int(self.model.optimizer.iterations), int(self.first_epoch))
-
-    def on_epoch_begin(self, epoch, logs=None):
-        for i, state in enumerate(keras_rng_variables(self.model)):
-            state.assign(tf.constant([self.seed * 7919 + i, epoch * 1_000_003],
-                                     dtype=state.dtype))
-
-
-class StopAtEpochEndOnPreemption(keras.callbacks.Callback):
-    """Stops fit at the end of the epoch in which a preemption signal arrived, after
-    BackupAndRestore (put it after that one in the callbacks list) has saved the epoch.
-    Stopping mid-epoch would be worse: Keras still calls on_epoch_end, and the backup would
-    record the partial epoch as complete."""
-
-    def __init__(self, handler: "PreemptionHandler"):
-        super().__init__()
-        self.handler = handler
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.handler.requested:
-            log.info("received %s during epoch %d: stopping after its backup",
-                     self.handler.signal_name, epoch)
-            self.model.stop_training = True
-
-
-class ForgetResumedEpoch(keras.callbacks.Callback):
-    """Resets the epoch that BackupAndRestore made fit start at, when fit ends: Keras keeps
-    it on the model (``model._initial_epoch``) and a second fit() in the same process
-    would otherwise skip its first epochs."""
-
-    def on_train_end(self, logs=None):
-        self.model._initial_epoch = None
 
 
 # ----- BEGIN shared code: copied from checkpoint_utils.py by scripts/sync_shared_code.py.

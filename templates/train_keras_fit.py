@@ -1,20 +1,21 @@
-"""A Keras model.fit run that survives wall-time limits, preemption and kills with
-keras.callbacks.BackupAndRestore, and resumes into exactly the run it left: interrupted and
-resumed at epoch boundaries, it ends bitwise identical to a run never interrupted.
+"""A Keras model.fit run that survives wall-time limits, preemption and kills, and resumes
+into exactly the run it left: interrupted and resumed at epoch boundaries, it ends bitwise
+identical to a run never interrupted, callbacks' state included.
 
     python train_keras_fit.py --backup-dir backup --epochs 40
     kill -USR1 <pid>      # stops after the current epoch's backup, requeues under Slurm
     python train_keras_fit.py --backup-dir backup --epochs 40   # resumes
 
-BackupAndRestore restores at epoch boundaries: the time of one epoch is what a preemption
-signal must leave (--signal=B:USR1@...), and the most a kill can cost. With long epochs,
-train on a part of the data per "epoch". Exit codes: 0 finished; 3 preempted and
+ResumableFit (tf_checkpoint_utils.py, section "Keras fit") backs up at every epoch end:
+the time of one epoch is what a preemption signal must leave (--signal=B:USR1@...), and
+the most a kill can cost. With long epochs, train on a part of the data per "epoch".
+Exit codes: 0 finished (also at once, when the run had finished before); 3 preempted and
 requeued; 75 preempted, backup saved, not requeued; 143 stopped by SIGTERM (scancel),
 backup saved, never requeued.
 
-What the callbacks fix is explained in tf_checkpoint_utils.py (section "Keras fit"). To
-adapt it, change the three blocks marked "CHANGE ME". Needs TensorFlow and
-tf_checkpoint_utils.py beside this file.
+To adapt it, change the blocks marked "CHANGE ME"; docs/tensorflow.md shows the same
+edit on a plain model.fit script. Needs TensorFlow and tf_checkpoint_utils.py beside
+this file.
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ import tensorflow as tf  # noqa: E402
 
 from tf_checkpoint_utils import (  # noqa: E402
     EXIT_FINISHED,
-    EpochSeeds,
-    ForgetResumedEpoch,
     PreemptionHandler,
-    StopAtEpochEndOnPreemption,
+    ResumableFit,
     epoch_batches,
     exit_after_preemption,
+    finished_fit,
+    mark_fit_finished,
 )
 
 
@@ -58,14 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ----- CHANGE ME (1/3): your data, as a dataset of single examples (not batched).
+# ----- CHANGE ME (1/4): your data, as a dataset of single examples (not batched).
 def make_examples(seed: int) -> tf.data.Dataset:
     inputs = tf.random.stateless_normal((2048, 32), seed=(seed, 1))
     labels = tf.argmax(inputs @ tf.random.stateless_normal((32, 10), seed=(seed, 2)), axis=1)
     return tf.data.Dataset.from_tensor_slices((inputs, labels))
 
 
-# ----- CHANGE ME (2/3): your model and optimizer. The schedule is a function of
+# ----- CHANGE ME (2/4): your model and optimizer. The schedule is a function of
 # optimizer.iterations, which the backup restores; a callback that counts steps in Python
 # would start again from zero after every resume.
 def make_model(args) -> keras.Model:
@@ -78,7 +79,7 @@ def make_model(args) -> keras.Model:
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=total, warmup_target=args.lr, warmup_steps=total // 10)
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=0.01),
-                  # ----- CHANGE ME (3/3): your loss.
+                  # ----- CHANGE ME (3/4): your loss.
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
@@ -108,30 +109,36 @@ def main(argv=None) -> int:
 
 
 def train(args, preemption: PreemptionHandler) -> int:
+    log = logging.getLogger("train")
+    if done := finished_fit(args.backup_dir):  # a requeue or a rerun of a finished job
+        log.info("finished already (%d epochs, in %s): nothing to train", done["epochs"],
+                 args.backup_dir)
+        return EXIT_FINISHED
     keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
-    first_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    first_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)  # set by ResumableFit
     data, args.steps_per_epoch = epoch_batches(
         make_examples(args.seed), seed=args.seed, batch_size=args.batch_size,
         epochs=args.epochs, first_epoch=first_epoch)
     model = make_model(args)
-    model.build((None, 32))  # BackupAndRestore needs a built model
-    callbacks = [  # in this order: the backup of an epoch is written before anything stops
-        keras.callbacks.BackupAndRestore(args.backup_dir, double_checkpoint=True,
-                                         delete_checkpoint=False),
-        EpochSeeds(args.seed, args.backup_dir, first_epoch),
-        StopAtEpochEndOnPreemption(preemption),
-        ForgetResumedEpoch(),
-        ProgressLines(args.epochs * args.steps_per_epoch, args.steps_per_epoch, args.log_every),
-    ]
-    model.fit(data, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-              callbacks=callbacks, verbose=0, shuffle=False)  # epoch_batches shuffles
+    model.build((None, 32))  # a backup loads into a built model
+    # ----- CHANGE ME (4/4): your callbacks (ReduceLROnPlateau, EarlyStopping,
+    # AtomicModelCheckpoint, ...). ResumableFit comes last and keeps their state.
+    callbacks = [ProgressLines(args.epochs * args.steps_per_epoch, args.steps_per_epoch,
+                               args.log_every)]
+    history = model.fit(data, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        verbose=0, shuffle=False,  # epoch_batches shuffles
+                        callbacks=[*callbacks, ResumableFit(
+                            args.backup_dir, callbacks, seed=args.seed,
+                            first_epoch=first_epoch, preemption=preemption)])
     if preemption.requested:
         exit_after_preemption(preemption, requeue=args.requeue)
     model.save_weights(os.path.join(args.backup_dir, "final.weights.h5"))
+    epochs = first_epoch.numpy() + len(history.epoch)  # fewer than --epochs after an early stop
+    mark_fit_finished(args.backup_dir, epochs=int(epochs))  # last: the results are saved
     # Finished: a signal from now on must not turn exit 0 into a kill.
     preemption.ignore_further_signals()
-    logging.getLogger("train").info("finished: %d epochs", args.epochs)
+    log.info("finished: %d epochs", epochs)
     return EXIT_FINISHED
 
 

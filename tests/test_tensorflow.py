@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -187,7 +188,7 @@ def test_tf_template_survives_kills_signals_and_damage_bitwise(tmp_path, capsys,
 @pytest.mark.integration
 @pytest.mark.parametrize("script, saved", [
     ("train_tf.py", lambda folder: kit.marked_steps(folder)),
-    ("train_keras_fit.py", lambda folder: kit.backup_epoch(folder) > 0),
+    ("train_keras_fit.py", lambda folder: kit.backup_epochs(folder)),
 ], ids=["train_tf", "train_keras_fit"])
 def test_a_signal_while_tensorflow_imports_is_held_for_the_handler(script, saved, tmp_path,
                                                                    python_exe):
@@ -261,15 +262,39 @@ class StopAfter(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def keras_backup_epoch(folder) -> int:
+    """The epoch Keras's BackupAndRestore in ``folder`` resumes at (0: none)."""
+    path = folder / "training_metadata.json"
+    return json.loads(path.read_text())["epoch"] if path.exists() else 0
+
+
+def preempted() -> kit.PreemptionHandler:
+    flag = kit.PreemptionHandler()
+    flag._handle(signal.SIGUSR1, None)  # as if SIGUSR1 arrived
+    return flag
+
+
+def resumable(folder, callbacks=(), preemption=None) -> list:
+    """``callbacks`` followed by a ResumableFit backing up into ``folder``."""
+    return [*callbacks, kit.ResumableFit(
+        folder, callbacks, seed=0, first_epoch=tf.Variable(0, dtype=tf.int64),
+        preemption=preemption or kit.PreemptionHandler())]
+
+
+def built_fit_model():
+    model = fit_model()
+    model.build((None, 8))
+    return model
+
+
 def test_default_backup_and_restore_deletes_the_backup_when_a_preemption_stops_fit(tmp_path):
     naive, kept = tmp_path / "naive", tmp_path / "kept"
     fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(naive)), StopAfter(4, at_epoch_end=True)])
     assert not naive.exists(), "Keras changed: BackupAndRestore kept its backup"
-    fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
-        keras.callbacks.BackupAndRestore(str(kept), delete_checkpoint=False),
-        StopAfter(4, at_epoch_end=True)])
-    assert kit.backup_epoch(kept) == 1
+    built_fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False,
+                          callbacks=resumable(kept, preemption=preempted()))
+    assert kit.backup_epochs(kept) == [1]
 
 
 def test_stopping_mid_epoch_records_the_partial_epoch_as_complete(tmp_path):
@@ -278,25 +303,138 @@ def test_stopping_mid_epoch_records_the_partial_epoch_as_complete(tmp_path):
     fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
         keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
         StopAfter(1, at_epoch_end=False)])
-    assert kit.backup_epoch(tmp_path) == 1
-    flag = kit.PreemptionHandler()
-    flag._handle(10, None)  # as if SIGUSR1 arrived
-    history = fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False, callbacks=[
-        kit.StopAtEpochEndOnPreemption(flag)])
+    assert keras_backup_epoch(tmp_path) == 1
+    history = built_fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False,
+                                    callbacks=resumable(tmp_path / "kit", preemption=preempted()))
     assert len(history.history["loss"]) == 1  # the whole first epoch, then the stop
 
 
-@pytest.mark.parametrize("forget", [False, True], ids=["naive", "ForgetResumedEpoch"])
-def test_a_second_fit_after_a_resume_starts_at_epoch_0_only_with_the_fix(forget, tmp_path):
+def test_a_second_fit_after_a_resume_starts_at_epoch_0_only_with_the_kit(tmp_path):
     fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False, callbacks=[
-        keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(str(tmp_path / "keras"), delete_checkpoint=False),
         StopAfter(4, at_epoch_end=True)])
     model = fit_model()  # the next job: resumes at epoch 1, then a fine-tuning phase
-    extra = [kit.ForgetResumedEpoch()] if forget else []
     model.fit(fit_data(), epochs=2, verbose=0, shuffle=False, callbacks=[
-        keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False), *extra])
-    second = model.fit(fit_data(), epochs=2, verbose=0, shuffle=False)
-    assert len(second.history.get("loss", [])) == (2 if forget else 1)
+        keras.callbacks.BackupAndRestore(str(tmp_path / "keras"), delete_checkpoint=False)])
+    assert len(model.fit(fit_data(), epochs=2, verbose=0, shuffle=False).history["loss"]) == 1
+
+    built_fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False,
+                          callbacks=resumable(tmp_path / "kit", preemption=preempted()))
+    model = built_fit_model()
+    resumed = model.fit(fit_data(), epochs=2, verbose=0, shuffle=False,
+                        callbacks=resumable(tmp_path / "kit"))
+    assert len(resumed.history["loss"]) == 1  # epoch 1 only: it resumed
+    assert len(model.fit(fit_data(), epochs=2, verbose=0, shuffle=False).history["loss"]) == 2
+
+
+class CountEpochs(keras.callbacks.Callback):
+    """A user's callback with state of its own, named in ``resume_attributes``."""
+    resume_attributes = ("seen",)
+
+    def on_train_begin(self, logs=None):
+        self.seen = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen += 1
+
+
+class PreemptAfterEpoch(keras.callbacks.Callback):
+    """Raises the preemption flag at the end of epoch ``epoch``, as a signal would."""
+
+    def __init__(self, flag: kit.PreemptionHandler, epoch: int):
+        super().__init__()
+        self.flag, self.epoch = flag, epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.flag._handle(signal.SIGUSR1, None)
+
+
+def test_state_of_the_callbacks_comes_back_whatever_their_order(tmp_path):
+    def callbacks(order):  # min_delta 10: the loss never "improves" after the first epoch
+        made = {"count": CountEpochs(),
+                "early": keras.callbacks.EarlyStopping("loss", patience=50, min_delta=10.0),
+                "plateau": keras.callbacks.ReduceLROnPlateau("loss", patience=1, min_delta=10.0)}
+        return [made[name] for name in order]
+
+    for order in (["count", "early", "plateau"], ["plateau", "count", "early"]):
+        folder, flag, first = tmp_path / "-".join(order), kit.PreemptionHandler(), callbacks(order)
+        built_fit_model().fit(fit_data(), epochs=5, verbose=0, shuffle=False, callbacks=[
+            *first, PreemptAfterEpoch(flag, 1), *resumable(folder, first, flag)[-1:]])
+        model, resumed = built_fit_model(), callbacks(order)
+        model.fit(fit_data(), epochs=3, verbose=0, shuffle=False,
+                  callbacks=resumable(folder, resumed))  # epoch 2 only
+        state = dict(zip(order, resumed))
+        assert state["count"].seen == 3
+        assert state["early"].wait == 2 and state["early"].best is not None
+        # Lowered at the end of epoch 1 (the backup holds it) and of epoch 2.
+        assert float(model.optimizer.learning_rate) == pytest.approx(0.001 * 0.1 ** 2)
+
+
+def test_a_finished_fit_trains_nothing_when_run_again(tmp_path):
+    built_fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False,
+                          callbacks=resumable(tmp_path))
+    again = built_fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False,
+                                  callbacks=resumable(tmp_path))
+    assert again.history == {}
+    stopped = tmp_path / "early"
+    early = keras.callbacks.EarlyStopping("loss", patience=1, min_delta=10.0)
+    built_fit_model().fit(fit_data(), epochs=9, verbose=0, shuffle=False,
+                          callbacks=resumable(stopped, [early]))
+    assert kit.backup_epochs(stopped)[0] == 2  # stopped early, at the end of epoch 1
+    again = built_fit_model().fit(fit_data(), epochs=9, verbose=0, shuffle=False,
+                                  callbacks=resumable(stopped, [early]))
+    assert again.history == {}
+
+
+def test_damaged_newest_backup_falls_back_to_the_one_before(tmp_path, caplog):
+    built_fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False,
+                          callbacks=resumable(tmp_path))
+    weights = tmp_path / "backup-3.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100])  # a save cut short
+    (tmp_path / "backup-4.weights.h5").write_bytes(b"no marker: a killed save")
+    with caplog.at_level(logging.INFO, logger="checkpoint"):
+        resumed = built_fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False,
+                                        callbacks=resumable(tmp_path))
+    assert len(resumed.history["loss"]) == 1, "resumed after epoch 2, trained epoch 3"
+    assert "skipping the backup of epoch 3: backup-3.weights.h5" in caplog.text
+    assert "removing backup-4.weights.h5: its save did not finish" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [
+        "backup-3.json", "backup-3.weights.h5"]
+
+
+def test_changed_callbacks_start_afresh_with_a_warning(tmp_path, caplog):
+    early = keras.callbacks.EarlyStopping("loss", patience=9)
+    built_fit_model().fit(fit_data(), epochs=3, verbose=0, shuffle=False,
+                          callbacks=resumable(tmp_path, [early], preempted()))
+    with caplog.at_level(logging.WARNING, logger="checkpoint"):
+        built_fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False,
+                              callbacks=resumable(tmp_path, [CountEpochs()]))
+    assert "not those the backup was made with (EarlyStopping)" in caplog.text
+
+
+def test_backup_and_restore_beside_resumable_fit_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="remove keras.callbacks.BackupAndRestore"):
+        resumable(tmp_path, [keras.callbacks.BackupAndRestore(str(tmp_path))])
+
+
+def test_atomic_model_checkpoint_keeps_the_old_best_model_when_a_save_fails(tmp_path):
+    best = tmp_path / "best.keras"
+    model = built_fit_model()
+    model.fit(fit_data(), epochs=1, verbose=0, shuffle=False,
+              callbacks=[kit.AtomicModelCheckpoint(str(best), monitor="loss")])
+    saved = best.read_bytes()
+
+    def save_cut_short(path, **kwargs):
+        Path(path).write_bytes(b"half a zip")
+        raise OSError(28, "No space left on device")
+
+    model.save = save_cut_short
+    with pytest.raises(OSError):
+        model.fit(fit_data(), epochs=1, verbose=0, shuffle=False,
+                  callbacks=[kit.AtomicModelCheckpoint(str(best), monitor="loss")])
+    assert best.read_bytes() == saved
+    keras.models.load_model(best)  # still a whole model file
 
 
 @pytest.mark.integration
