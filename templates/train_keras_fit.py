@@ -133,11 +133,11 @@ def train(args, preemption: PreemptionHandler) -> int:
                             first_epoch=first_epoch, preemption=preemption)])
     if preemption.requested:
         exit_after_preemption(preemption, requeue=args.requeue)
+    # Finished: a signal from now on must not turn exit 0 into a kill.
+    preemption.ignore_further_signals()
     model.save_weights(os.path.join(args.backup_dir, "final.weights.h5"))
     epochs = first_epoch.numpy() + len(history.epoch)  # fewer than --epochs after an early stop
     mark_fit_finished(args.backup_dir, epochs=int(epochs))  # last: the results are saved
-    # Finished: a signal from now on must not turn exit 0 into a kill.
-    preemption.ignore_further_signals()
     log.info("finished: %d epochs", epochs)
     return EXIT_FINISHED
 

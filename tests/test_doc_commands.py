@@ -91,7 +91,7 @@ def test_a_reason_is_given_for_every_command_not_run():
 # ------------------------------------------------------------------ flags that exist
 ADD_ARGUMENT = re.compile(r"add_argument\(\s*\"(--[\w-]+)\"(?:,\s*\"(--[\w-]+)\")?")
 SIBLING_IMPORT = re.compile(r"^from (\w+) import", re.MULTILINE)
-PROGRAM_FOLDERS = ("templates", "scripts", "examples/existing-script")
+PROGRAM_FOLDERS = ("templates", "scripts", "examples/existing-script", "examples/keras-fit")
 
 
 def program_flags(program: Path) -> set[str]:

@@ -319,3 +319,24 @@ def test_your_own_script_page_diffs_copies_interrupts_and_resumes(shell):
     assert re.search(r"saved preempt_\d+\.pt", output), output
     output = shell.run(shown(OWN, "python train_lm_resumable.py --epochs 60"))
     assert "resumed from preempt_" in output and "finished" in output, output[-2000:]
+
+
+# ------------------------------------------------------------- a Keras user's own model.fit
+KERAS_FIT = "docs/tensorflow.md"
+KERAS_FIT_RUN = "python fit_resumable.py --out results"
+
+
+def test_the_keras_fit_section_diffs_interrupts_resumes_and_stays_finished(shell):
+    shell.run(shown(KERAS_FIT, "cd examples/keras-fit && cp ../../templates/tf_checkpoint_utils.py ."))
+    diff = shell.run(shown(KERAS_FIT, "diff fit.py fit_resumable.py"), code=1)
+    assert "# + checkpoint" in diff, diff
+    shell.start(shown(KERAS_FIT, KERAS_FIT_RUN))
+    shell.wait_for(r"^Epoch 3/40")
+    kill = shown(KERAS_FIT, "kill -USR1 <pid>").replace("<pid>", str(shell.foreground_pid()))
+    subprocess.run(["bash", "-c", kill], check=True)
+    code, output = shell.finish(timeout=120)
+    assert code == 75 and "stopping after its backup" in output, output[-3000:]
+    output = shell.run(KERAS_FIT_RUN, timeout=180)
+    assert re.search(r"resumed from results/backup \(epoch \d+", output), output[-3000:]
+    output = shell.run(KERAS_FIT_RUN)
+    assert "finished already" in output and "Epoch" not in output, output[-3000:]
