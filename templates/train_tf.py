@@ -155,6 +155,9 @@ def train(args, preemption: PreemptionHandler) -> int:
                                         step_counter=step,
                                         checkpoint_interval=args.save_every_steps)
     manager.restore_latest()
+    if int(step) >= args.steps:  # a requeue or rerun of a finished job
+        log.info("finished already (step %d of %d): nothing to train", int(step), args.steps)
+        return EXIT_FINISHED
     train_step = make_train_step(model, optimizer, noise)
 
     started = last_save = time.monotonic()

@@ -198,6 +198,12 @@ def train(args, strategy, worker: int, preemption: PreemptionHandler) -> int:
     if all_workers_sum(strategy, int(step)) != workers * int(step):
         raise CheckpointError("the workers restored different steps: do they all see the "
                               f"same --ckpt-dir ({args.ckpt_dir})?")
+    if int(step) >= args.steps:  # a requeue or rerun of a finished job
+        if chief:
+            log.info("finished already (step %d of %d): nothing to train", int(step), args.steps)
+        else:
+            shutil.rmtree(own_dir, ignore_errors=True)
+        return EXIT_FINISHED
 
     def save(at: int) -> None:
         manager.save(at)

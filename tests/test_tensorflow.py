@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,27 @@ def test_two_workers_interrupted_three_ways_end_bitwise_identical(tmp_path, pyth
     assert resumed_from[3] == 30, "a kill resumes from the newest periodic save"
     assert "another worker was signalled" in "\n".join(attempts[0].output)
     assert tf_checkpoint_differences(tmp_path / "reference", tmp_path / "resumed") == []
+    again = run(tmp_path / "reference", [])  # a requeue of the finished job
+    assert len(again) == 1 and again[0].exit_codes == [0, 0], again
+    assert "finished already (step 48 of 48)" in "\n".join(again[0].output), again[0].output
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", [
+    ["train_tf.py", "--steps", "12"], ["train_keras_fit.py", "--epochs", "2"]],
+    ids=["train_tf", "train_keras_fit"])
+def test_a_finished_run_run_again_trains_nothing(command, tmp_path, python_exe):
+    run = [python_exe, str(TEMPLATES / command[0]), "--ckpt-dir", str(tmp_path / "ckpt"),
+           *command[1:], "--log-every", "1"]
+    first = subprocess.run(run, capture_output=True, text=True, env=outside_slurm())
+    assert first.returncode == 0 and re.search(r"^step \d+", first.stdout, re.MULTILINE), \
+        first.stdout + first.stderr
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").iterdir()}
+    again = subprocess.run(run, capture_output=True, text=True, env=outside_slurm())
+    assert again.returncode == 0, again.stdout + again.stderr
+    trained = re.findall(r"^step \d+", again.stdout, re.MULTILINE)  # the progress lines
+    assert "finished already" in again.stdout and not trained, again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt").iterdir()} == files
 
 
 # ----------------------------------------------------------------------------- Keras fit
