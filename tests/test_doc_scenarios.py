@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEMPLATES
+from conftest import TEMPLATES, require_command
 from doc_commands import Shell, copy_of_repository, reader_environment, shown
 
 pytestmark = [pytest.mark.integration, pytest.mark.docs]
@@ -154,6 +154,21 @@ def test_octave_runs_the_matlab_example(shell):
                              "octave-cli --no-history --eval "
                              "\"exit(example_simulation('checkpoints'))\""))
     assert "finished: 2000 steps" in output, output
+
+
+def test_the_notebook_kernels_are_there_as_the_setup_page_says(shell):
+    """The check before a class (set-up page, instructors' checklist): the three kernels the
+    notebooks name in their metadata, and what notebooks 06 and 07 need besides."""
+    require_command("R", "scripts/install-debian-packages r")
+    require_command("octave-cli", "scripts/install-debian-packages octave")
+    output = shell.run(shown(("docs/setup.md", "docs/instructors.md"), "jupyter kernelspec list"))
+    listed = re.findall(r"^\s+(\S+)\s+/", output, re.MULTILINE)
+    assert {"python3", "ir", "octave"} <= set(listed), output
+    output = shell.run(shown("docs/setup.md",
+                             "Rscript -e 'library(IRkernel); library(jsonlite); library(digest)'"))
+    assert output.strip() == "", output
+    output = shell.run(shown("docs/setup.md", "octave-cli --version"))
+    assert output.startswith("GNU Octave, version"), output
 
 
 def test_the_tensorflow_page_installs_and_trains(shell):
