@@ -17,6 +17,10 @@ Two failures nbval cannot see, checked here on the stored and on freshly execute
 the Octave kernel reports `error: ...` as ordinary output, and IRkernel shows an R error as
 a stream or as an error output depending on where it happens.
 
+nbval runs here with each kernel started in the repository's top folder (the plugin
+tests/nbval_kernel_in_repository_root.py); Jupyter starts it in notebooks/. The notebooks
+find the kit from either.
+
 To store new outputs after changing a notebook (from the repository root):
     .venv/bin/python scripts/execute_notebooks.py notebooks/01-basic-checkpoint.ipynb
 """
@@ -155,6 +159,47 @@ def test_printed_kit_source_is_the_kits_current_source(path):
             if not any(printed in text for text in templates):
                 stale.append(cell.get("id", "?"))
     assert not stale, f"{path}: cells {stale} show kit code that is no longer in templates/"
+
+
+# An exercise as the notebooks and `make grade EX=...` name it, and the folder it lives in.
+EXERCISE_NAME = re.compile(r"\b((?:r-|matlab-)?ex0\d)\b")
+EXERCISE_ROOT = {"": "exercises", "r-": "r/exercises", "matlab-": "matlab/exercises"}
+
+
+def exercise_folders(name: str) -> list[Path]:
+    track, number = re.fullmatch(r"((?:r-|matlab-)?)(ex0\d)", name).groups()
+    return sorted((REPO / EXERCISE_ROOT[track]).glob(f"{number}-*/README.md"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS)
+def test_learners_predict_try_a_change_see_it_checked_and_find_their_exercise(path):
+    """A workshop notebook is not read-only: a markdown cell asks for a prediction before a
+    key cell; a code cell has a value marked "try changing this", and that cell or a later
+    one checks the outcome against the value and says "as predicted" (in its stored
+    output, the unchanged notebook's, and compared by nbval, so it holds on any machine);
+    the Key points name the exercise to do next, which exists."""
+    cells = read_notebook(REPO / path)["cells"]
+    sources = ["".join(cell["source"]) for cell in cells]
+    predictions = [i for i, cell in enumerate(cells)
+                   if cell["cell_type"] == "markdown" and "**Predict" in sources[i]]
+    tries = [i for i, cell in enumerate(cells)
+             if cell["cell_type"] == "code" and "try changing this" in sources[i]]
+    checks = [i for i, cell in enumerate(cells) if cell["cell_type"] == "code"
+              and any(line.startswith("as predicted:")
+                      for _, text in output_texts({"cells": [cell]})
+                      for line in text.splitlines())]
+    assert predictions, f"{path}: no markdown cell asks learners to **Predict** anything"
+    assert tries, f"{path}: no code cell has a value marked 'try changing this'"
+    unchecked = [i for i in tries if not any(check >= i for check in checks)]
+    assert not unchecked, f"{path}: 'try changing this' cells {unchecked} have no check after them"
+    ignored = [i for i in checks if "NBVAL_IGNORE_OUTPUT" in sources[i]]
+    assert not ignored, f"{path}: check cells {ignored} are not compared by nbval"
+    wrong = sorted({i for i, text in output_texts({"cells": cells}) if "NOT as predicted" in text})
+    assert not wrong, f"{path}: the stored outputs of cells {wrong} say NOT as predicted"
+    named = set(EXERCISE_NAME.findall(sources[-1]))
+    assert named, f"{path}: the Key points name no exercise (ex01, r-ex04, ...)"
+    missing = [name for name in sorted(named) if len(exercise_folders(name)) != 1]
+    assert not missing, f"{path}: names exercises that have no folder: {missing}"
 
 
 def sanitize_rules() -> list[tuple[re.Pattern, str]]:
