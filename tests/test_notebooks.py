@@ -273,9 +273,10 @@ def run_nbval(notebook: Path, kernel: str, tmp_path: Path,
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS)
 def test_notebook_started_in_the_repository_root_gives_its_stored_outputs(path, tmp_path):
     """Each notebook under strict nbval, its kernel started in the repository's top folder,
-    not in notebooks/: the notebook must find the kit from there. (Started in notebooks/,
-    as Jupyter starts it, they run whenever their outputs are stored with
-    scripts/execute_notebooks.py, and 06 and 07 in test_executed_outputs_show_no_r_or_octave_error.)"""
+    not in notebooks/: the notebook must find the kit from there. One run proves both the
+    outputs and the start folder; started in notebooks/, as Jupyter starts them, they run
+    whenever their outputs are stored (scripts/execute_notebooks.py), and 06 and 07 also
+    in test_executed_outputs_show_no_r_or_octave_error."""
     notebook = REPO / path
     kernel = kernel_name(read_notebook(notebook))
     require_kernel(kernel)
