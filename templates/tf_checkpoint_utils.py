@@ -345,15 +345,20 @@ class ResumableFit(keras.callbacks.Callback):
         if marker:
             if not self.model.optimizer.built:  # its slots must exist to be loaded into
                 self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(self.directory / f"{BACKUP_PREFIX}-{epoch}.weights.h5")
+            weights = self.directory / f"{BACKUP_PREFIX}-{epoch}.weights.h5"
+            try:
+                self.model.load_weights(weights)
+            except ValueError as error:  # the file is fine (its checksum matched)
+                raise CheckpointError(f"{weights.name} does not fit this model: {error}. "
+                                      "Did the model change since the backup?") from None
             self._restore_callback_state(marker)
             log.info("resumed from %s (epoch %d, step %d)%s", self.directory, epoch,
                      int(self.model.optimizer.iterations),
                      ": the run had finished, nothing to train" if marker["finished"] else "")
         self.first_epoch.assign(epoch)
         # fit reads the epoch to start at after this hook; a finished run starts at its end.
-        self.model._initial_epoch = self.params["epochs"] if marker and marker["finished"] \
-            else epoch
+        finished = marker is not None and marker["finished"]
+        self.model._initial_epoch = self.params["epochs"] if finished else epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         for i, state in enumerate(keras_rng_variables(self.model)):  # Dropout's seeds ...
@@ -408,7 +413,7 @@ class ResumableFit(keras.callbacks.Callback):
                         "state starts afresh", ", ".join(s["callback"] for s in saved))
             return
         npz = self.directory / f"{BACKUP_PREFIX}-{marker['epoch']}.npz"
-        arrays = np.load(npz, allow_pickle=False) if npz.exists() else {}
+        arrays = dict(np.load(npz, allow_pickle=False)) if npz.exists() else {}
         for callback, record in zip(self.callbacks, saved):
             for name, value in record["state"].items():
                 if isinstance(value, dict) and "arrays" in value:  # a list of arrays
@@ -430,8 +435,10 @@ class ResumableFit(keras.callbacks.Callback):
             to.mkdir(exist_ok=True)
         for suffix in ("json", "weights.h5", "npz"):
             path = self.directory / f"{BACKUP_PREFIX}-{epoch}.{suffix}"
-            if path.exists():
-                os.replace(path, to / path.name) if to is not None else path.unlink()
+            if path.exists() and to is not None:
+                os.replace(path, to / path.name)
+            elif path.exists():
+                path.unlink()
 
 
 def _callback_state(callback, index: int, arrays: dict) -> dict:

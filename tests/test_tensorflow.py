@@ -436,6 +436,15 @@ def test_changed_callbacks_start_afresh_with_a_warning(tmp_path, caplog):
     assert "not those the backup was made with (EarlyStopping)" in caplog.text
 
 
+def test_a_backup_of_another_model_gets_a_clear_error(tmp_path):
+    built_fit_model().fit(fit_data(), epochs=2, verbose=0, shuffle=False,
+                          callbacks=resumable(tmp_path, preemption=preempted()))
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(5), keras.layers.Dense(2)])
+    other.compile(optimizer="adam", loss="mse")
+    with pytest.raises(kit.CheckpointError, match="backup-1.weights.h5 does not fit this model"):
+        other.fit(fit_data(), epochs=2, verbose=0, shuffle=False, callbacks=resumable(tmp_path))
+
+
 def test_backup_and_restore_beside_resumable_fit_is_refused(tmp_path):
     with pytest.raises(ValueError, match="remove keras.callbacks.BackupAndRestore"):
         resumable(tmp_path, [keras.callbacks.BackupAndRestore(str(tmp_path))])
