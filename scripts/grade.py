@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -58,16 +59,49 @@ def run_checks(exercise: dict, learner_file: Path, tasks: list[int] | None = Non
                "GRADE_TEMPLATE": str(REPO / exercise["template"]),
                "GRADE_LANGUAGE": exercise["language"],
                "PYTHONPATH": str(REPO / "scripts")}
-        command = [sys.executable, "-m", "pytest", str(exercise["folder"] / "test_grader.py"),
-                   "-p", "grading", "--grade-json", str(record), "-q", "--no-header",
-                   "-p", "no:cacheprovider", "--rootdir", str(REPO)]
+        args = [str(exercise["folder"] / "test_grader.py"), "-p", "grading", "--grade-json",
+                str(record), "-q", "--no-header", "-p", "no:cacheprovider", "--rootdir", str(REPO)]
         if tasks:
-            command += ["--grade-tasks", ",".join(map(str, tasks))]
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
+            args += ["--grade-tasks", ",".join(map(str, tasks))]
+        printed = run_pytest(args, env, Path(scratch) / "printed.txt")
         if not record.exists():
-            sys.exit("grade: the grader itself failed to run:\n" + result.stdout[-3000:]
-                     + result.stderr[-3000:])
+            sys.exit("grade: the grader itself failed to run:\n" + printed[-6000:])
         return json.loads(record.read_text())
+
+
+# The test suite grades about 140 files one after the other. A fresh `python -m pytest`
+# spends seconds importing torch before its first check: there, preload_graders() makes
+# every grading a process forked from one that imported torch and pytest once. Each
+# grading is still a process of its own, started from the same clean state.
+PRELOADED = None
+
+
+def preload_graders() -> None:
+    global PRELOADED
+    PRELOADED = multiprocessing.get_context("forkserver")
+    PRELOADED.set_forkserver_preload(["torch", "pytest", "grading"])
+
+
+def run_pytest(args: list[str], env: dict, printed: Path) -> str:
+    """pytest with ``args`` and the environment ``env`` in a new process; what it printed."""
+    if PRELOADED is None:
+        result = subprocess.run([sys.executable, "-m", "pytest", *args], env=env,
+                                capture_output=True, text=True)
+        return result.stdout + result.stderr
+    process = PRELOADED.Process(target=_pytest_in_this_process, args=(args, env, printed))
+    process.start()
+    process.join()
+    return printed.read_text(errors="replace") if printed.exists() else ""
+
+
+def _pytest_in_this_process(args: list[str], env: dict, printed: Path) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    output = os.open(printed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    import pytest  # preloaded
+    sys.exit(pytest.main(args))
 
 
 def score(exercise: dict, checks: list[dict], tasks: list[int] | None = None) -> list[dict]:

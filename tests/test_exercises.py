@@ -3,6 +3,9 @@ solution loses the points of exactly the task it breaks, and (tests/test_doc_sce
 through each exercise README's `make grade`) every untouched starter gets almost nothing."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import re
@@ -13,10 +16,17 @@ import tomllib
 
 import pytest
 
+import grade as grade_script
 from make_starters import (REPO, all_exercises, function_file, function_source,
                            generated_files)
 
 pytestmark = [pytest.mark.exercises, pytest.mark.integration]
+
+@dataclasses.dataclass
+class Graded:
+    returncode: int | str
+    stdout: str
+
 
 EXERCISES = all_exercises()
 MUTANTS = [pytest.param(ex, m, id=f"{ex['name']}: {m['name']}")
@@ -27,9 +37,12 @@ MUTANTS = [pytest.param(ex, m, id=f"{ex['name']}: {m['name']}")
 @pytest.fixture(scope="session", autouse=True)
 def shared_reference_runs(tmp_path_factory):
     """One folder for the graders' runs of the reference kits, so that grading an exercise
-    many times (reference, starter, every mutant) runs each reference once."""
+    many times (reference, starter, every mutant) runs each reference once; and graders
+    forked from a process that imported torch once (scripts/grade.py, preload_graders)."""
     os.environ["GRADER_CACHE_DIR"] = str(tmp_path_factory.mktemp("grader-cache"))
+    grade_script.preload_graders()
     yield
+    grade_script.PRELOADED = None
     del os.environ["GRADER_CACHE_DIR"]
 
 
@@ -38,15 +51,20 @@ def exercise_id(exercise: dict) -> str:
     return exercise["name"] + exercise["folder"].name.removeprefix(exercise["name"].split("-")[-1])
 
 
-def grade(exercise: dict, learner_file, tmp_path, tasks=()) -> tuple[dict, subprocess.CompletedProcess]:
-    """`scripts/grade.py exNN --file F --json J`, the instructors' contract."""
+def grade(exercise: dict, learner_file, tmp_path, tasks=()) -> tuple[dict, Graded]:
+    """`scripts/grade.py exNN --file F --json J`, the instructors' contract, run in this
+    process (its graders run in processes of their own)."""
     result_file = tmp_path / "grade.json"
-    name = exercise["name"]
     only = [arg for number in tasks for arg in ("--task", str(number))]
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "grade.py"), name, "--file",
-                          str(learner_file), "--json", str(result_file), *only],
-                         capture_output=True, text=True, timeout=600)
-    assert run.stdout.strip().splitlines()[-1].startswith("score: "), run.stdout + run.stderr
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            code = grade_script.main([exercise["name"], "--file", str(learner_file),
+                                      "--json", str(result_file), *only])
+        except SystemExit as stop:  # the grader could not run: its message
+            code = stop.code
+    run = Graded(code, printed.getvalue())
+    assert run.stdout.strip().splitlines()[-1].startswith("score: "), f"{run.stdout}\n{code}"
     return json.loads(result_file.read_text()), run
 
 

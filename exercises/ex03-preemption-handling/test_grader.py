@@ -533,8 +533,11 @@ CHILDREN = {
     """,
 }
 # From the start of the three programs, torch's import included: under a loaded machine
-# (the test suite runs four parts at once on 2 cores) the import alone took over 12 s.
-CHILD_TIMEOUT = 30.0
+# (the test suite runs several parts at once on 2 cores) the import alone took over 12 s.
+CHILD_TIMEOUT = 60.0
+# From the end of the import: SIGALRM's default action then ends a program whose deadline
+# did not (a kernel signal, so C code holding the GIL cannot delay it).
+BLOCK_SECONDS = 8
 
 
 @pytest.fixture
@@ -543,9 +546,10 @@ def child(task_kit, _runs):
     and gives (exit code, stdout, stderr), or None if it ran past CHILD_TIMEOUT."""
     if "children" not in _runs:
         prelude = textwrap.dedent(f"""
-            import sys, time
+            import signal, sys, time
             sys.path.insert(0, {str(kit_folder(task_kit))!r})
             from checkpoint_utils import EmergencyDeadline
+            signal.alarm({BLOCK_SECONDS})
         """)
         _runs["children"] = {
             name: subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(body)],
@@ -563,6 +567,8 @@ def child(task_kit, _runs):
             process.kill()
             process.communicate()
             return None
+        if process.returncode == -signal.SIGALRM:  # the deadline did not end it
+            return None
         return process.returncode, out, err
 
     return wait
@@ -575,8 +581,8 @@ def last_line(text: str) -> str:
 
 def started_or_fail(result) -> tuple[int, str, str]:
     if result is None:
-        pytest.fail(f"the process was still running after {CHILD_TIMEOUT:g} s: the deadline "
-                    "did not end it")
+        pytest.fail(f"the process was still running {BLOCK_SECONDS} s after it started: the "
+                    "deadline did not end it")
     code, out, err = result
     if "started" not in out:
         pytest.fail(f"the program failed before the block: {last_line(err)}")
@@ -613,9 +619,9 @@ def test_save_stuck_holding_the_gil_still_ends(child):
     """a save stuck in C code that holds the GIL still ends the process (the watchdog)"""
     result = child("holds-gil")
     if result is None:
-        pytest.fail("a block stuck in C code that holds the GIL was still running after "
-                    f"{CHILD_TIMEOUT:g} s. A Python timer thread cannot run while C code "
-                    "holds the GIL: add a watchdog that needs no GIL, "
+        pytest.fail("a block stuck in C code that holds the GIL was still running "
+                    f"{BLOCK_SECONDS} s after it began. A Python timer thread cannot run "
+                    "while C code holds the GIL: add a watchdog that needs no GIL, "
                     "faulthandler.dump_traceback_later(seconds + backstop_seconds, exit=True), "
                     "and cancel it in __exit__")
     code, out, err = started_or_fail(result)
