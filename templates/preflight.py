@@ -115,6 +115,10 @@ def check_signal_arrives(job_id: str, name: str, to_batch: bool, wait: float,
         deadline = time.monotonic() + wait
         while not handler.requested and time.monotonic() < deadline:
             time.sleep(0.05)
+        if handler.requested:
+            # Under srun, a launcher that passes signals on (torchrun --signals-to-handle)
+            # sends a second copy after Slurm's: it must not end the preflight.
+            handler.ignore_further_signals()
     if handler.requested and handler.signal_name == f"SIG{name}":
         report("PASS", "signal delivery", f"{handler.signal_name} reached this process")
     elif handler.requested:
