@@ -72,7 +72,6 @@ log = logging.getLogger("checkpoint")
 PREFIX = "ckpt"  # TensorFlow's file names: ckpt-400.index, ckpt-400.data-00000-of-00001
 MARKER_SUFFIX = ".json"
 CORRUPT_DIR = "corrupt"
-_MARKER_PATTERN = re.compile(rf"^{PREFIX}-(\d+){re.escape(MARKER_SUFFIX)}$")
 _CHECKPOINT_FILE = re.compile(rf"^{PREFIX}-(\d+)\.(index|data-\d+-of-\d+)$")
 
 
@@ -125,11 +124,13 @@ def verify_tf_checkpoint(marker: Path) -> dict:
     return meta
 
 
-def marked_steps(directory: Path) -> list[int]:
-    """Steps of the checkpoints in ``directory`` that have a marker, newest first."""
-    steps = [int(m[1]) for p in Path(directory).iterdir()
-             if (m := _MARKER_PATTERN.match(p.name))]
-    return sorted(steps, reverse=True)
+def marked_steps(directory: Path, prefix: str = PREFIX) -> list[int]:
+    """Steps of the checkpoints in ``directory`` that have a marker (``prefix``-N.json),
+    newest first; none when the folder does not exist."""
+    marker = re.compile(rf"^{re.escape(prefix)}-(\d+){re.escape(MARKER_SUFFIX)}$")
+    found = [int(m[1]) for p in Path(directory).iterdir() if (m := marker.match(p.name))] \
+        if Path(directory).is_dir() else []
+    return sorted(found, reverse=True)
 
 
 def restore_newest_valid(checkpoint: tf.train.Checkpoint, directory: str | Path, *,
@@ -139,7 +140,7 @@ def restore_newest_valid(checkpoint: tf.train.Checkpoint, directory: str | Path,
     with ``move_damaged``, moved to ``corrupt/``; workers that only read a folder another
     process owns pass ``move_damaged=False``."""
     directory = Path(directory)
-    for step in marked_steps(directory) if directory.is_dir() else []:
+    for step in marked_steps(directory):
         prefix = directory / f"{PREFIX}-{step}"
         try:
             verify_tf_checkpoint(directory / f"{PREFIX}-{step}{MARKER_SUFFIX}")
@@ -294,10 +295,7 @@ def resume_attributes(callback) -> tuple[str, ...]:
 
 def backup_epochs(directory: str | Path) -> list[int]:
     """Epochs of the backups in ``directory`` that have a marker, newest first."""
-    directory = Path(directory)
-    found = [int(m[1]) for p in directory.iterdir() if (m := _BACKUP_FILE.match(p.name))
-             and m[2] == "json"] if directory.is_dir() else []
-    return sorted(found, reverse=True)
+    return marked_steps(directory, BACKUP_PREFIX)
 
 
 def finished_fit(backup_dir: str | Path) -> dict | None:
@@ -308,10 +306,13 @@ def finished_fit(backup_dir: str | Path) -> dict | None:
         return None
 
 
-def mark_fit_finished(backup_dir: str | Path, **facts) -> None:
+def mark_fit_finished(backup_dir: str | Path) -> int:
     """Record that the run is over, after its results are saved: a rerun of the job
-    (a requeue, a resubmission) then exits at once."""
-    atomic_write_json(Path(backup_dir) / FIT_FINISHED, facts)
+    (a requeue, a resubmission) then exits at once. Returns the epochs it trained (fewer
+    than asked for after an early stop): those of its last backup."""
+    epochs = backup_epochs(backup_dir)[0]
+    atomic_write_json(Path(backup_dir) / FIT_FINISHED, {"epochs": epochs})
+    return epochs
 
 
 class ResumableFit(keras.callbacks.Callback):

@@ -126,18 +126,17 @@ def train(args, preemption: PreemptionHandler) -> int:
     # AtomicModelCheckpoint, ...). ResumableFit comes last and keeps their state.
     callbacks = [ProgressLines(args.epochs * args.steps_per_epoch, args.steps_per_epoch,
                                args.log_every)]
-    history = model.fit(data, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                        verbose=0, shuffle=False,  # epoch_batches shuffles
-                        callbacks=[*callbacks, ResumableFit(
-                            args.backup_dir, callbacks, seed=args.seed,
-                            first_epoch=first_epoch, preemption=preemption)])
+    model.fit(data, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+              verbose=0, shuffle=False,  # epoch_batches shuffles
+              callbacks=[*callbacks, ResumableFit(
+                  args.backup_dir, callbacks, seed=args.seed,
+                  first_epoch=first_epoch, preemption=preemption)])
     if preemption.requested:
         exit_after_preemption(preemption, requeue=args.requeue)
     # Finished: a signal from now on must not turn exit 0 into a kill.
     preemption.ignore_further_signals()
     model.save_weights(os.path.join(args.backup_dir, "final.weights.h5"))
-    epochs = first_epoch.numpy() + len(history.epoch)  # fewer than --epochs after an early stop
-    mark_fit_finished(args.backup_dir, epochs=int(epochs))  # last: the results are saved
+    epochs = mark_fit_finished(args.backup_dir)  # last: the results are saved
     log.info("finished: %d epochs", epochs)
     return EXIT_FINISHED
 

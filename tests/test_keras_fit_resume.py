@@ -25,6 +25,7 @@ import pytest
 
 from compare_tf_checkpoints import keras_weights_differences
 from conftest import REPO, TEMPLATES, outside_slurm
+from tf_checkpoint_utils import backup_epochs
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.integration]
 
@@ -68,8 +69,7 @@ def first_epoch_without_improvement(output: str) -> int:
 
 def newest_marker(folder: Path) -> dict:
     backup = folder / "results" / "backup"
-    epoch = max(int(p.name.split("-")[1].split(".")[0]) for p in backup.glob("backup-*.json"))
-    return json.loads((backup / f"backup-{epoch}.json").read_text())
+    return json.loads((backup / f"backup-{backup_epochs(backup)[0]}.json").read_text())
 
 
 def model_file_differences(a: Path, b: Path, tmp_path: Path) -> list[str]:

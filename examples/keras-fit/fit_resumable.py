@@ -88,7 +88,7 @@ def train(args, backup, preemption):  # + checkpoint: main's training part, inde
         keras.callbacks.EarlyStopping(patience=10),
         keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2),
     ]
-    history = model.fit(  # + checkpoint
+    model.fit(  # + checkpoint
         batches, epochs=args.epochs, steps_per_epoch=steps,  # + checkpoint
         validation_data=(x[-val:], y[-val:]), verbose=2,  # + checkpoint
         shuffle=False,  # + checkpoint: epoch_batches shuffles
@@ -98,7 +98,7 @@ def train(args, backup, preemption):  # + checkpoint: main's training part, inde
     if preemption.requested:  # + checkpoint: stopped after an epoch's backup
         exit_after_preemption(preemption, requeue=args.requeue)  # + checkpoint: exits
     model.save(os.path.join(args.out, "final.keras"))
-    mark_fit_finished(backup, epochs=int(first_epoch) + len(history.epoch))  # + checkpoint
+    mark_fit_finished(backup)  # + checkpoint: last, once the results are saved
     return 0  # + checkpoint
 
 
